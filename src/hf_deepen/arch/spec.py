@@ -1,0 +1,185 @@
+"""ArchSpec: one family's decoder layer described as data.
+
+Everything downstream (alignment, fusion, surgery) works on a *canonical layer*: a flat dict of
+tensors keyed by role, independent of how a family names or packs them:
+
+=============  ==========================================  ====================================
+role           shape                                       permuted by
+=============  ==========================================  ====================================
+``q``          ``[num_heads * head_dim, hidden]``          query head (rows, ``head_dim`` each)
+``k``, ``v``   ``[num_kv_heads * head_dim, hidden]``       KV head (rows)
+``o``          ``[hidden, num_heads * head_dim]``          query head (columns)
+``gate``       ``[intermediate, hidden]`` (optional)       MLP neuron (rows)
+``up``         ``[intermediate, hidden]``                  MLP neuron (rows)
+``down``       ``[hidden, intermediate]``                  MLP neuron (columns)
+``*_bias``     the rows of the matching weight             as the weight; ``o_bias`` and
+                                                           ``down_bias`` live on the residual
+                                                           stream and are never permuted
+=============  ==========================================  ====================================
+
+Any other tensor of the layer must be listed in ``residual`` (norm gains and other tensors that
+live on the residual stream or are shared by all heads, such as Qwen3's per-head ``q_norm``):
+those are never permuted, only averaged or copied. A tensor that is neither is refused by OT
+fusion with a message that names it, because permuting around it could silently break the layer.
+
+A family whose tensors are fused or transposed (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``)
+overrides :meth:`ArchSpec.to_canonical` / :meth:`ArchSpec.from_canonical`; the rest of the
+library never sees the difference.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import UnsupportedArchitectureError
+
+Tensor = torch.Tensor
+
+#: roles whose rows are split by query head
+QUERY_HEAD_ROWS = ("q", "q_bias")
+#: roles whose rows are split by KV head
+KV_HEAD_ROWS = ("k", "k_bias", "v", "v_bias")
+#: roles whose columns are split by query head
+QUERY_HEAD_COLS = ("o",)
+#: roles whose rows are split by MLP neuron
+NEURON_ROWS = ("gate", "up", "gate_bias", "up_bias")
+#: roles whose columns are split by MLP neuron
+NEURON_COLS = ("down",)
+#: roles that write to the residual stream: zeroed for a function-preserving new layer
+OUTPUT_ROLES = ("o", "o_bias", "down", "down_bias")
+ROLES = QUERY_HEAD_ROWS + KV_HEAD_ROWS + QUERY_HEAD_COLS + NEURON_ROWS + NEURON_COLS + ("o_bias", "down_bias")
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """Attention geometry of one layer, read from the model config."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one family stores a decoder layer.
+
+    Parameters
+    ----------
+    name:
+        Spec name (shown in errors and provenance).
+    model_types:
+        ``config.model_type`` values this spec serves.
+    tensors:
+        Role -> parameter name inside one decoder layer (``"self_attn.q_proj.weight"``). Roles
+        missing from a given layer (biases) are simply absent.
+    residual:
+        Glob patterns of layer tensors that are never permuted (norm gains, residual biases).
+    layers_path:
+        Dotted path from the ``PreTrainedModel`` to the ``ModuleList`` of decoder layers.
+    index_attrs:
+        Attribute names, on any submodule of a layer, that hold the layer's index (the KV cache
+        is looked up by it). They are renumbered after insertion.
+    per_layer_config:
+        Config fields that hold one entry per layer (``layer_types``); a new layer takes the
+        entry of the base layer it is inserted after (its lower neighbour).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    tensors: Mapping[str, str]
+    residual: tuple[str, ...] = ("input_layernorm.weight", "post_attention_layernorm.weight")
+    layers_path: str = "model.layers"
+    index_attrs: tuple[str, ...] = ("layer_idx",)
+    per_layer_config: tuple[str, ...] = ("layer_types",)
+    notes: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    # ---- geometry -------------------------------------------------------------------------
+    def head_shape(self, config: Any) -> HeadShape:
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if heads % kv:
+            raise UnsupportedArchitectureError(
+                f"{config.model_type}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}"
+            )
+        return HeadShape(heads, kv, head_dim)
+
+    # ---- canonical view --------------------------------------------------------------------
+    def to_canonical(self, state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """Split one layer's state dict into ``(canonical, unknown)``.
+
+        ``canonical`` maps roles and residual tensor names to tensors; ``unknown`` lists the
+        tensor names that are neither (fine for copies and plain averages, refused by OT).
+        """
+        by_name = {v: k for k, v in self.tensors.items()}
+        canon: dict[str, Tensor] = {}
+        unknown: list[str] = []
+        for name, t in state.items():
+            if name in by_name:
+                canon[by_name[name]] = t
+            else:
+                canon[name] = t
+                if not any(fnmatch.fnmatchcase(name, pat) for pat in self.residual):
+                    unknown.append(name)
+        return canon, unknown
+
+    def from_canonical(self, canon: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Inverse of :meth:`to_canonical`: the state dict of one layer."""
+        return {self.tensors.get(k, k): v for k, v in canon.items()}
+
+    def check_shapes(self, canon: Mapping[str, Tensor], shape: HeadShape, where: str) -> None:
+        """Raise if the canonical tensors do not match the head geometry read from the config."""
+        hq = shape.num_heads * shape.head_dim
+        hkv = shape.num_kv_heads * shape.head_dim
+        expect_rows = {"q": hq, "q_bias": hq, "k": hkv, "k_bias": hkv, "v": hkv, "v_bias": hkv}
+        for role, rows in expect_rows.items():
+            if role in canon and canon[role].shape[0] != rows:
+                raise UnsupportedArchitectureError(
+                    f"{where}: tensor {self.tensors.get(role, role)!r} has {canon[role].shape[0]} rows, expected"
+                    f" {rows} from the config (heads={shape.num_heads}, kv_heads={shape.num_kv_heads},"
+                    f" head_dim={shape.head_dim}); the spec {self.name!r} does not fit this model"
+                )
+        if "o" in canon and canon["o"].shape[1] != hq:
+            raise UnsupportedArchitectureError(
+                f"{where}: tensor {self.tensors.get('o', 'o')!r} has {canon['o'].shape[1]} columns, expected {hq}"
+            )
+        for role in ("q", "k", "v", "o", "up", "down"):
+            if role not in canon:
+                raise UnsupportedArchitectureError(
+                    f"{where}: the spec {self.name!r} maps role {role!r} to {self.tensors.get(role)!r}, which this"
+                    " layer does not have"
+                )
+        n = canon["up"].shape[0]
+        if canon["down"].shape[1] != n or ("gate" in canon and canon["gate"].shape[0] != n):
+            raise UnsupportedArchitectureError(f"{where}: MLP tensors disagree on the number of hidden units")
+
+
+def llama_like(name: str, model_types: tuple[str, ...], **kw: Any) -> ArchSpec:
+    """Spec for the Llama layer layout (separate q/k/v/o, gated MLP, two RMSNorms)."""
+    tensors = {
+        "q": "self_attn.q_proj.weight",
+        "k": "self_attn.k_proj.weight",
+        "v": "self_attn.v_proj.weight",
+        "o": "self_attn.o_proj.weight",
+        "q_bias": "self_attn.q_proj.bias",
+        "k_bias": "self_attn.k_proj.bias",
+        "v_bias": "self_attn.v_proj.bias",
+        "o_bias": "self_attn.o_proj.bias",
+        "gate": "mlp.gate_proj.weight",
+        "up": "mlp.up_proj.weight",
+        "down": "mlp.down_proj.weight",
+        "gate_bias": "mlp.gate_proj.bias",
+        "up_bias": "mlp.up_proj.bias",
+        "down_bias": "mlp.down_proj.bias",
+    }
+    tensors.update(kw.pop("tensors", {}))
+    return ArchSpec(name=name, model_types=model_types, tensors=tensors, **kw)

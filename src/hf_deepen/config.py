@@ -1,0 +1,165 @@
+"""UpscaleConfig: the whole vocabulary of an upscale, validated and serialisable.
+
+One dataclass holds every choice (method, solver, layout, fusion options), in the spirit of
+torchao's ``quantize_(model, config)``: it is validated on construction, round-trips through
+``to_dict`` / ``from_dict`` (so it can be stored in the model's config as provenance) and carries a
+``version`` so later releases can read old records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+
+METHODS = ("opt", "avg", "copy", "solar")
+SOLVERS = ("exact", "sinkhorn")
+LAYOUTS = ("top", "middle", "bottom", "uniform", "positions", "solar")
+ZERO_TARGETS = ("outputs",)
+
+
+@dataclass
+class UpscaleConfig:
+    """How to make a model deeper.
+
+    Parameters
+    ----------
+    method:
+        How each new layer is made. ``"opt"``: OpT-DeUS, align the lower neighbour's heads and MLP
+        neurons to the upper neighbour's with optimal transport, then average (default).
+        ``"avg"``: Avg-DeUS, the plain mean of the two neighbours. ``"copy"``: LLaMA Pro block
+        expansion, a copy of the layer below. ``"solar"``: SOLAR depth up-scaling, two truncated
+        copies of the whole stack concatenated (never function preserving).
+    solver:
+        OT solver for ``method="opt"``: ``"exact"`` (an assignment problem, solved exactly) or
+        ``"sinkhorn"`` (entropic OT in the log domain, applied as a barycentric map).
+    sinkhorn_reg:
+        Entropic regularisation, relative to the mean of the cost matrix (the cost is divided by its
+        mean before solving, so the value means the same on any model and dtype).
+    layout:
+        Where new layers go. ``"top"`` (paper default: one new layer between each adjacent pair of
+        the top half), ``"middle"``, ``"bottom"``, ``"uniform"`` (after every ``every_k``-th layer,
+        or spread evenly when ``num_layers`` is given), ``"positions"`` (the explicit list
+        ``positions``) and ``"solar"`` (forced by ``method="solar"``).
+    num_layers:
+        Target depth. Default: ``L + L // 2`` (30 -> 45, 32 -> 48), as in the paper.
+    positions:
+        Explicit insertion points: a new layer goes after base layer ``p`` (and, for fusions,
+        is built from layers ``p`` and ``p + 1``). Implies ``layout="positions"``.
+    every_k:
+        For ``layout="uniform"``: a new layer after every k-th base layer (LLaMA Pro).
+    zero_init:
+        Zero the new layer's output projections (attention ``o_proj``, MLP ``down_proj`` and their
+        biases) so the deeper model computes exactly what the base model did. ``None`` means on for
+        opt, avg and copy; SOLAR cannot be function preserving and refuses ``True``.
+    fusion_weight:
+        Weight of the upper neighbour in the fused layer: ``(1 - w) * aligned_lower + w * upper``.
+    restore_norm:
+        After fusing, rescale each row (input projections) and column (output projections) of a
+        fused matrix to the mean norm of its two parents' rows: averaging two different rows
+        shrinks them, and this undoes it.
+    seed:
+        Not used by the deterministic solvers; stored for reproducibility of downstream runs.
+    """
+
+    method: str = "opt"
+    solver: str = "exact"
+    sinkhorn_reg: float = 0.01
+    sinkhorn_max_iter: int = 3000
+    layout: str | None = None
+    num_layers: int | None = None
+    positions: Sequence[int] | None = None
+    every_k: int | None = None
+    zero_init: bool | None = None
+    fusion_weight: float = 0.5
+    restore_norm: bool = False
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if self.positions is not None:
+            self.positions = [_as_int(p, "positions") for p in self.positions]
+            if self.layout not in (None, "positions"):
+                raise ConfigError(
+                    f"positions= implies layout='positions', but layout={self.layout!r} was given: drop one"
+                )
+            self.layout = "positions"
+        if self.method == "solar":
+            if self.layout not in (None, "solar"):
+                raise ConfigError("method='solar' fixes its own layout: drop layout=/positions=/every_k=")
+            self.layout = "solar"
+        elif self.layout == "solar":
+            raise ConfigError("layout='solar' only goes with method='solar'")
+        if self.layout is None:
+            self.layout = "uniform" if self.every_k is not None else "top"
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if self.layout == "positions" and self.positions is None:
+            raise ConfigError("layout='positions' needs positions=[...]")
+        if self.every_k is not None:
+            self.every_k = _as_int(self.every_k, "every_k")
+            if self.every_k <= 0:
+                raise ConfigError(f"every_k must be a positive integer, got {self.every_k}")
+            if self.layout != "uniform":
+                raise ConfigError("every_k= only goes with layout='uniform'")
+            if self.num_layers is not None:
+                raise ConfigError("give every_k= or num_layers= for layout='uniform', not both")
+        if self.num_layers is not None:
+            self.num_layers = _as_int(self.num_layers, "num_layers")
+            if self.num_layers <= 0:
+                raise ConfigError(f"num_layers must be a positive integer, got {self.num_layers}")
+            if self.layout == "positions":
+                raise ConfigError("positions= already fixes the depth: drop num_layers=")
+        if self.method == "solar" and self.zero_init:
+            raise ConfigError(
+                "method='solar' is never function preserving (it repeats whole layer ranges, it does not"
+                " insert identity layers): drop zero_init=True, or use method='copy' for zero-initialised copies"
+            )
+        if self.zero_init is None:
+            self.zero_init = self.method != "solar"
+        if not (self.sinkhorn_reg > 0):
+            raise ConfigError(f"sinkhorn_reg must be > 0, got {self.sinkhorn_reg}")
+        if self.sinkhorn_max_iter <= 0:
+            raise ConfigError(f"sinkhorn_max_iter must be positive, got {self.sinkhorn_max_iter}")
+        if not (0.0 <= self.fusion_weight <= 1.0):
+            raise ConfigError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}")
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(f"UpscaleConfig version {self.version} is not readable by this release")
+
+    @property
+    def function_preserving(self) -> bool:
+        return bool(self.zero_init) and self.method != "solar"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["positions"] is not None:
+            d["positions"] = list(d["positions"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UpscaleConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            if float(value) != int(value):
+                raise ValueError
+            value = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be integers, got {value!r}") from None
+    return int(value)
+
+

@@ -1,0 +1,123 @@
+"""Fusions: how a new layer is made from its base layer(s). A small registry, one function each.
+
+Every fusion maps canonical layers (see ``arch/spec.py``) to a canonical layer, in float64, and
+returns diagnostics. Zero-init (function preservation) and norm restoration are applied here,
+after the method, the same way for every method that allows them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from ..align import align_layers
+from ..arch.spec import NEURON_COLS, NEURON_ROWS, OUTPUT_ROLES, QUERY_HEAD_COLS, QUERY_HEAD_ROWS, KV_HEAD_ROWS, HeadShape
+from ..config import UpscaleConfig
+
+Tensor = torch.Tensor
+Canon = Mapping[str, Tensor]
+
+_ROW_ROLES = tuple(r for r in QUERY_HEAD_ROWS + KV_HEAD_ROWS + NEURON_ROWS if not r.endswith("_bias"))
+_COL_ROLES = QUERY_HEAD_COLS + NEURON_COLS
+_MATRICES = _ROW_ROLES + _COL_ROLES
+
+
+@dataclass
+class FusionResult:
+    canon: dict[str, Tensor]
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+FusionFn = Callable[[list[Canon], HeadShape, UpscaleConfig], FusionResult]
+_FUSIONS: dict[str, FusionFn] = {}
+
+
+def register_fusion(name: str) -> Callable[[FusionFn], FusionFn]:
+    def deco(fn: FusionFn) -> FusionFn:
+        _FUSIONS[name] = fn
+        return fn
+
+    return deco
+
+
+def _f64(c: Canon) -> dict[str, Tensor]:
+    return {k: v.detach().to(torch.float64) for k, v in c.items()}
+
+
+def _mix(a: Canon, b: Canon, w: float) -> dict[str, Tensor]:
+    return {k: (1.0 - w) * a[k] + w * b[k] for k in b}
+
+
+def retained_norm(fused: Canon, a: Canon, b: Canon) -> float:
+    """Frobenius norm of the fused projection matrices over the mean of their parents' norms."""
+    num = den = 0.0
+    for r in _MATRICES:
+        if r in fused:
+            num += float(fused[r].norm())
+            den += 0.5 * (float(a[r].norm()) + float(b[r].norm()))
+    return num / den if den > 0 else 1.0
+
+
+def restore_norms(fused: dict[str, Tensor], a: Canon, b: Canon) -> None:
+    """Rescale each fused row (input projections) / column (output projections) to the mean norm
+    of its two (aligned) parents, undoing the shrinkage of averaging two different vectors."""
+    for r in _ROW_ROLES + _COL_ROLES:
+        if r not in fused:
+            continue
+        dim = 1 if r in _ROW_ROLES else 0
+        target = 0.5 * (a[r].norm(dim=dim, keepdim=True) + b[r].norm(dim=dim, keepdim=True))
+        have = fused[r].norm(dim=dim, keepdim=True)
+        fused[r] = fused[r] * torch.where(have > 0, target / have.clamp_min(1e-30), torch.ones_like(have))
+
+
+@register_fusion("opt")
+def fuse_opt(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> FusionResult:
+    """OpT-DeUS: align the lower layer's heads and neurons to the upper layer, then average."""
+    a, b = (_f64(s) for s in sources)
+    al = align_layers(a, b, shape, cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter)
+    a_al = al.apply(a)
+    fused = _mix(a_al, b, cfg.fusion_weight)
+    diag = al.diagnostics()
+    diag["retained_norm"] = retained_norm(fused, a, b)
+    diag["retained_norm_avg"] = retained_norm(_mix(a, b, cfg.fusion_weight), a, b)
+    if cfg.restore_norm:
+        restore_norms(fused, a_al, b)
+    return FusionResult(fused, diag)
+
+
+@register_fusion("avg")
+def fuse_avg(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> FusionResult:
+    """Avg-DeUS: the plain (weighted) mean of the two neighbours, units left in place."""
+    a, b = (_f64(s) for s in sources)
+    fused = _mix(a, b, cfg.fusion_weight)
+    diag = {"retained_norm": retained_norm(fused, a, b)}
+    if cfg.restore_norm:
+        restore_norms(fused, a, b)
+    return FusionResult(fused, diag)
+
+
+@register_fusion("copy")
+def fuse_copy(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> FusionResult:
+    """LLaMA Pro block expansion: a copy of the layer below."""
+    return FusionResult(_f64(sources[0]), {})
+
+
+@register_fusion("solar")
+def fuse_solar(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> FusionResult:
+    """SOLAR: the repeated layer is an unchanged copy."""
+    return FusionResult(_f64(sources[0]), {})
+
+
+def make_layer(method: str, sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> FusionResult:
+    """Run fusion ``method`` on canonical ``sources`` and apply zero-init if configured."""
+    res = _FUSIONS[method](sources, shape, cfg)
+    if cfg.zero_init:
+        for r in OUTPUT_ROLES:
+            if r in res.canon:
+                res.canon[r] = torch.zeros_like(res.canon[r])
+    return res
+
+
+__all__ = ["FusionResult", "make_layer", "register_fusion", "restore_norms", "retained_norm"]

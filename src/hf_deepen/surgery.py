@@ -1,0 +1,117 @@
+"""Surgery: the only module that mutates a model.
+
+Given a :class:`~hf_deepen.plan.DepthPlan` and the state dicts of the new layers, it rebuilds the
+decoder's ``ModuleList`` (base layers are reused in place, not copied), renumbers every per-layer
+index attribute (``self_attn.layer_idx``: the KV cache is looked up by it, and a stale index gives
+wrong cached logits while greedy tokens can still look right), updates ``num_hidden_layers`` and
+every per-layer config list *at the insertion point*, and records provenance in the config.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import torch
+from transformers import PretrainedConfig
+
+from ._version import __version__
+from .arch.registry import get_module
+from .arch.spec import ArchSpec
+from .config import UpscaleConfig
+from .plan import DepthPlan
+
+PROVENANCE_KEY = "hf_deepen"
+
+
+def clone_layer(layer: torch.nn.Module, shared: Mapping[int, Any]) -> torch.nn.Module:
+    """Deep-copy ``layer`` while keeping references to shared objects (the model's config).
+
+    A plain ``deepcopy`` would give the new layer its own copy of the config, so a later
+    ``model.set_attn_implementation(...)`` would silently not reach it.
+    """
+    return copy.deepcopy(layer, memo=dict(shared))
+
+
+def renumber(layers: torch.nn.ModuleList, attrs: tuple[str, ...]) -> None:
+    for i, layer in enumerate(layers):
+        for module in layer.modules():
+            for attr in attrs:
+                if isinstance(getattr(module, attr, None), int):
+                    setattr(module, attr, i)
+
+
+def per_layer_fields(config: PretrainedConfig, spec: ArchSpec, num_layers: int) -> list[str]:
+    """Config fields with one entry per layer: the spec's, plus any ``*layer*`` list of that length."""
+    names = set(spec.per_layer_config)
+    for k, v in vars(config).items():
+        if "layer" in k and isinstance(v, (list, tuple)) and len(v) == num_layers:
+            names.add(k)
+    return sorted(n for n in names if isinstance(getattr(config, n, None), (list, tuple)))
+
+
+def update_config(config: PretrainedConfig, spec: ArchSpec, plan: DepthPlan) -> None:
+    """Set ``num_hidden_layers`` and rebuild per-layer lists; a new layer takes the entry of the
+    base layer it was made from first (its lower neighbour)."""
+    for name in per_layer_fields(config, spec, plan.base_num_layers):
+        old = list(getattr(config, name))
+        if len(old) != plan.base_num_layers:
+            continue
+        setattr(config, name, [old[s.sources[0]] for s in plan.layers])
+    config.num_hidden_layers = plan.num_layers
+
+
+def record_provenance(
+    config: PretrainedConfig, plan: DepthPlan, cfg: UpscaleConfig, base_model: str | None, spec: ArchSpec
+) -> dict[str, Any]:
+    """Append this stage to ``config.hf_deepen``; earlier stages' new-layer indices are remapped."""
+    prev = getattr(config, PROVENANCE_KEY, None) or {}
+    remap = plan.base_index_map()
+    stages = []
+    for s in prev.get("stages", []):
+        s = dict(s)
+        s["new_layer_indices"] = [remap[i] for i in s["new_layer_indices"] if i in remap]
+        stages.append(s)
+    stages.append(
+        {
+            "base_model": base_model,
+            "architecture": spec.name,
+            "base_num_layers": plan.base_num_layers,
+            "num_layers": plan.num_layers,
+            "method": cfg.method,
+            "solver": cfg.solver if cfg.method == "opt" else None,
+            "layout": plan.layout,
+            "new_layer_indices": plan.new_layer_indices,
+            "sources": {str(i): list(plan.layers[i].sources) for i in plan.new_layer_indices},
+            "function_preserving": cfg.function_preserving,
+            "config": cfg.to_dict(),
+            "library_version": __version__,
+        }
+    )
+    all_new = sorted({i for s in stages for i in s["new_layer_indices"]})
+    record = {"library_version": __version__, "stages": stages, "new_layer_indices": all_new}
+    setattr(config, PROVENANCE_KEY, record)
+    return record
+
+
+def apply_plan(
+    model: torch.nn.Module, spec: ArchSpec, plan: DepthPlan, new_states: Mapping[int, Mapping[str, torch.Tensor]]
+) -> torch.nn.ModuleList:
+    """Insert the new layers described by ``plan`` into ``model`` (in place) and renumber."""
+    parent_path, _, attr = spec.layers_path.rpartition(".")
+    parent = get_module(model, parent_path) if parent_path else model
+    old = list(getattr(parent, attr))
+    shared = {id(m.config): m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)}
+    new: list[torch.nn.Module] = []
+    for i, src in enumerate(plan.layers):
+        if src.kind == "base":
+            new.append(old[src.sources[0]])
+            continue
+        layer = clone_layer(old[src.sources[0]], shared)
+        with torch.no_grad():
+            layer.load_state_dict(dict(new_states[i]), strict=True)
+        new.append(layer)
+    layers = torch.nn.ModuleList(new)
+    setattr(parent, attr, layers)
+    renumber(layers, spec.index_attrs)
+    return layers

@@ -1,0 +1,217 @@
+"""DepthUpscaler: model -> spec -> plan -> alignment/fusion -> surgery -> the same model, deeper."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .arch import get_module, get_spec
+from .arch.spec import ArchSpec
+from .config import UpscaleConfig
+from .errors import AlignmentWarning, ConfigError, UnsupportedArchitectureError, UnsupportedModelError
+from .fuse import make_layer
+from .io import atomic_save, model_card, prepare_model, write_json
+from .layouts import build_plan
+from .plan import DepthPlan
+from .report import UpscaleReport
+from .surgery import PROVENANCE_KEY, apply_plan, record_provenance, update_config
+
+#: from_pretrained kwargs that also apply to the tokenizer
+_TOKENIZER_KWARGS = ("gguf_file", "revision", "cache_dir", "token", "local_files_only", "subfolder", "trust_remote_code")
+#: a plan whose marginals are further off than this (relative) triggers an AlignmentWarning
+MARGINAL_TOL = 1e-3
+
+
+class DepthUpscaler:
+    """Make a pretrained decoder-only model deeper.
+
+    >>> up = DepthUpscaler.from_pretrained("HuggingFaceTB/SmolLM2-135M")  # doctest: +SKIP
+    >>> model = up.upscale()                      # OpT-DeUS, exact OT, top-half interleave
+    >>> model.save_pretrained("out")
+
+    The model is changed **in place**: base layers are reused, not copied, new layers are inserted
+    into the same ``ModuleList``, and the same ``PreTrainedModel`` object is returned (as PEFT's
+    ``inject_adapter`` and torchao's ``quantize_`` do). Keep a copy, or reload, to compare with the
+    base model. After :meth:`upscale`, :attr:`report` holds timings and alignment diagnostics.
+    """
+
+    def __init__(self, model: PreTrainedModel, *, spec: ArchSpec | None = None, base_model: str | None = None):
+        if not isinstance(model, PreTrainedModel):
+            raise UnsupportedModelError(
+                f"DepthUpscaler takes a transformers PreTrainedModel, got {type(model).__name__}: load it with"
+                " AutoModelForCausalLM.from_pretrained(...) or use DepthUpscaler.from_pretrained(...)"
+            )
+        prepare_model(model)
+        self.model = model
+        self.spec = spec or get_spec(model)
+        self.base_model = base_model or getattr(model.config, "_name_or_path", None) or None
+        self.report: UpscaleReport | None = None
+        self._load: tuple[str, dict[str, Any]] | None = None
+        self._tokenizer = None
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, *, trust_remote_code: bool = False, **kwargs: Any
+    ) -> "DepthUpscaler":
+        """Load with ``AutoModelForCausalLM.from_pretrained``; every keyword passes through.
+
+        No remote code runs unless ``trust_remote_code=True`` is given.
+        """
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(
+            pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs
+        )
+        name = str(pretrained_model_name_or_path)
+        if kwargs.get("gguf_file"):
+            name = f"{name}/{kwargs['gguf_file']}" if Path(name).is_dir() else f"{name}:{kwargs['gguf_file']}"
+        up = cls(model, base_model=name)
+        up.load_seconds = time.perf_counter() - t0
+        tok_kwargs = {k: v for k, v in kwargs.items() if k in _TOKENIZER_KWARGS}
+        tok_kwargs["trust_remote_code"] = trust_remote_code
+        up._load = (str(pretrained_model_name_or_path), tok_kwargs)
+        return up
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of a model loaded with :meth:`from_pretrained` (loaded on first use)."""
+        if self._tokenizer is None and self._load is not None:
+            from transformers import AutoTokenizer
+
+            path, kw = self._load
+            self._tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        return self._tokenizer
+
+    # ---- planning ---------------------------------------------------------------------------
+    def _layers(self) -> torch.nn.ModuleList:
+        layers = get_module(self.model, self.spec.layers_path)
+        n_cfg = self.model.config.num_hidden_layers
+        if len(layers) != n_cfg:
+            raise UnsupportedModelError(
+                f"the model has {len(layers)} decoder layers but config.num_hidden_layers={n_cfg}: fix the config"
+            )
+        return layers
+
+    @staticmethod
+    def _config(config: UpscaleConfig | dict | None, kwargs: dict[str, Any]) -> UpscaleConfig:
+        if config is None:
+            return UpscaleConfig(**kwargs) if kwargs else UpscaleConfig()
+        if isinstance(config, dict):
+            return UpscaleConfig.from_dict({**config, **kwargs})
+        if kwargs:
+            return UpscaleConfig.from_dict({**config.to_dict(), **kwargs})
+        return config
+
+    def plan(self, config: UpscaleConfig | dict | None = None, **kwargs: Any) -> DepthPlan:
+        """The depth plan :meth:`upscale` would follow, without changing anything."""
+        return build_plan(len(self._layers()), self._config(config, kwargs))
+
+    # ---- the job ----------------------------------------------------------------------------
+    def upscale(
+        self, config: UpscaleConfig | dict | None = None, *, progress: bool | None = None, **kwargs: Any
+    ) -> PreTrainedModel:
+        """Insert new layers and return the (same) model, deeper.
+
+        Options are those of :class:`~hf_deepen.UpscaleConfig`, as a config object, a dict or
+        keywords (keywords override the config): ``method``, ``solver``, ``layout``, ``num_layers``,
+        ``positions``, ``every_k``, ``zero_init``, ``fusion_weight``, ``restore_norm``, ...
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self._config(config, kwargs)
+        model, spec = self.model, self.spec
+        layers = self._layers()
+        plan = build_plan(len(layers), cfg)
+        shape = spec.head_shape(model.config)
+        report = UpscaleReport(plan=plan, config=cfg, architecture=spec.name)
+        report.params_before = sum(p.numel() for p in model.parameters())
+        if getattr(self, "load_seconds", None) is not None:
+            report.timings["load"] = self.load_seconds
+
+        t0 = time.perf_counter()
+        states: dict[int, dict[str, torch.Tensor]] = {}
+        new = [(i, s) for i, s in enumerate(plan.layers) if s.kind == "new"]
+        align_s = 0.0
+        for i, src in tqdm(new, desc=f"hf_deepen {cfg.method}", unit="layer", disable=not _show(progress)):
+            canons = []
+            for j in src.sources:
+                state = layers[j].state_dict()
+                canon, unknown = spec.to_canonical(state)
+                if cfg.method == "opt":
+                    if unknown:
+                        raise UnsupportedArchitectureError(
+                            f"{model.config.model_type}: OT fusion does not know how tensor(s)"
+                            f" {', '.join(sorted(unknown))} of layer {j} relate to heads or neurons; list them in"
+                            f" the spec's residual= if they live on the residual stream, or use method='avg'/'copy'"
+                        )
+                    spec.check_shapes(canon, shape, f"{model.config.model_type} layer {j}")
+                canons.append(canon)
+            ta = time.perf_counter()
+            res = make_layer(cfg.method, canons, shape, cfg)
+            align_s += time.perf_counter() - ta
+            ref = layers[src.sources[0]].state_dict()
+            out = spec.from_canonical(res.canon)
+            states[i] = {k: v.to(dtype=ref[k].dtype, device=ref[k].device) for k, v in out.items()}
+            report.layers.append({"index": i, "sources": list(src.sources), "method": cfg.method, "diagnostics": res.diagnostics})
+            self._check(res.diagnostics, i, report)
+        report.timings["align+fuse"] = align_s
+        report.timings["build"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        apply_plan(model, spec, plan, states)
+        update_config(model.config, spec, plan)
+        record_provenance(model.config, plan, cfg, self.base_model, spec)
+        report.timings["surgery"] = time.perf_counter() - t1
+        report.params_after = sum(p.numel() for p in model.parameters())
+        self.report = report
+        return model
+
+    @staticmethod
+    def _check(d: dict[str, float], index: int, report: UpscaleReport) -> None:
+        msgs = []
+        for name in ("heads", "neurons", "query"):
+            err = d.get(f"{name}_marginal_error")
+            if err is not None and err > MARGINAL_TOL:
+                msgs.append(f"{name} plan marginals off by {err:.1e} (> {MARGINAL_TOL:g}): raise sinkhorn_max_iter or sinkhorn_reg")
+            ratio = d.get(f"{name}_cost_ratio")
+            if ratio is not None and ratio > 1.0 + 1e-9:
+                msgs.append(f"{name} plan costs {ratio:.3f}x leaving units in place: lower sinkhorn_reg or use solver='exact'")
+        for m in msgs:
+            text = f"new layer {index}: {m}"
+            report.warnings.append(text)
+            warnings.warn(text, AlignmentWarning, stacklevel=3)
+
+    # ---- output -----------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | Path, *, overwrite: bool = False, tokenizer: Any = None, **kwargs: Any
+    ) -> Path:
+        """Save the model (safetensors), its tokenizer, a model card and ``hf_deepen_report.json``.
+
+        Written to a temporary directory first and moved into place, so a failure never leaves a
+        directory that looks complete; an existing non-empty directory needs ``overwrite=True``.
+        """
+        if not getattr(self.model.config, PROVENANCE_KEY, None):
+            raise ConfigError("nothing to save yet: call upscale() first (or use model.save_pretrained)")
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp, **kwargs)
+            if tok is not None:
+                tok.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card(getattr(self.model.config, PROVENANCE_KEY)))
+            if self.report is not None:
+                write_json(tmp / "hf_deepen_report.json", self.report.to_dict())
+
+        return atomic_save(save_directory, write, overwrite=overwrite)
+
+
+def _show(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    import sys
+
+    return sys.stderr.isatty()
