@@ -25,6 +25,9 @@ from .surgery import PROVENANCE_KEY, apply_plan, record_provenance, update_confi
 _TOKENIZER_KWARGS = ("gguf_file", "revision", "cache_dir", "token", "local_files_only", "subfolder", "trust_remote_code")
 #: a plan whose marginals are further off than this (relative) triggers an AlignmentWarning
 MARGINAL_TOL = 1e-3
+#: a plan costing more than this times the identity's triggers an AlignmentWarning (a soft plan always
+#: costs a little more than the optimum, so exactly 1 would warn on every Sinkhorn plan of near-aligned layers)
+COST_RATIO_TOL = 1.01
 
 
 class DepthUpscaler:
@@ -178,7 +181,7 @@ class DepthUpscaler:
             if err is not None and err > MARGINAL_TOL:
                 msgs.append(f"{name} plan marginals off by {err:.1e} (> {MARGINAL_TOL:g}): raise sinkhorn_max_iter or sinkhorn_reg")
             ratio = d.get(f"{name}_cost_ratio")
-            if ratio is not None and ratio > 1.0 + 1e-9:
+            if ratio is not None and ratio > COST_RATIO_TOL:
                 msgs.append(f"{name} plan costs {ratio:.3f}x leaving units in place: lower sinkhorn_reg or use solver='exact'")
         for m in msgs:
             text = f"new layer {index}: {m}"

@@ -1,0 +1,128 @@
+"""OT alignment invariants: shuffled blocks are recovered, a block fused with itself is returned."""
+
+import pytest
+import torch
+
+from hf_deepen import UpscaleConfig
+from hf_deepen.align import align_layers, solve_exact, solve_sinkhorn, sq_dists
+from hf_deepen.arch import get_spec
+from hf_deepen.fuse import make_layer
+
+from conftest import tiny_model
+
+
+def canon_of(model, i):
+    spec = get_spec(model)
+    canon, unknown = spec.to_canonical(model.model.layers[i].state_dict())
+    assert unknown == []
+    return spec, spec.head_shape(model.config), {k: v.detach().double() for k, v in canon.items()}
+
+
+def shuffle(canon, shape, seed=0):
+    """Permute KV groups, query heads inside each group, and MLP neurons, consistently."""
+    g = torch.Generator().manual_seed(seed)
+    hkv, G, hd = shape.num_kv_heads, shape.group_size, shape.head_dim
+    pg = torch.randperm(hkv, generator=g)
+    pq = torch.stack([torch.randperm(G, generator=g) for _ in range(hkv)])
+    q_heads = torch.cat([pg[j] * G + pq[j] for j in range(hkv)])  # new head h <- old head q_heads[h]
+    rows_q = (q_heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+    rows_kv = (pg[:, None] * hd + torch.arange(hd)).reshape(-1)
+    pn = torch.randperm(canon["up"].shape[0], generator=g)
+    out = dict(canon)
+    out["q"] = canon["q"][rows_q]
+    if "q_bias" in canon:
+        out["q_bias"] = canon["q_bias"][rows_q]
+    for r in ("k", "v", "k_bias", "v_bias"):
+        if r in canon:
+            out[r] = canon[r][rows_kv]
+    out["o"] = canon["o"][:, rows_q]
+    for r in ("gate", "up"):
+        out[r] = canon[r][pn]
+    out["down"] = canon["down"][:, pn]
+    assert not torch.equal(out["up"], canon["up"]) and not torch.equal(out["q"], canon["q"])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa", "qwen2"])
+def test_exact_recovers_shuffled_block(kind):
+    model = tiny_model(kind)
+    spec, shape, a = canon_of(model, 2)
+    b = shuffle(a, shape)
+    al = align_layers(a, b, shape, "exact")
+    aligned = al.apply(a)
+    for k in b:
+        assert torch.equal(aligned[k], b[k]), k
+    assert al.neurons.cost == pytest.approx(0.0, abs=1e-9)
+    assert al.neurons.identity_cost > 0.1
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa"])
+def test_sinkhorn_recovers_shuffled_block_at_small_reg(kind):
+    model = tiny_model(kind)
+    spec, shape, a = canon_of(model, 3)
+    b = shuffle(a, shape, seed=5)
+    al = align_layers(a, b, shape, "sinkhorn", reg=1e-3, max_iter=3000)
+    aligned = al.apply(a)
+    for k in b:
+        torch.testing.assert_close(aligned[k], b[k], atol=1e-4, rtol=0), k
+    assert al.neurons.marginal_error < 1e-3
+    assert al.neurons.sharpness > 0.999
+
+
+def test_sinkhorn_is_stable_on_raw_cost_scale():
+    # a cost of magnitude 1e4 would underflow a plain-domain Sinkhorn at reg 0.06 (the reference script)
+    torch.manual_seed(0)
+    X = torch.randn(64, 32) * 30
+    perm = torch.randperm(64)
+    M = sq_dists(X, X[perm])
+    plan = solve_sinkhorn(M, reg=0.01)
+    assert plan.marginal_error < 1e-3
+    assert abs(plan.matrix.sum().item() - 1.0) < 1e-3
+    assert torch.equal(plan.permutation, solve_exact(M).permutation)
+
+
+@pytest.mark.parametrize("solver", ["exact", "sinkhorn"])
+@pytest.mark.parametrize("kind", ["mha", "gqa"])
+def test_fusing_a_block_with_itself_returns_it(kind, solver):
+    model = tiny_model(kind)
+    _, shape, a = canon_of(model, 1)
+    cfg = UpscaleConfig(method="opt", solver=solver, sinkhorn_reg=1e-3, zero_init=False)
+    res = make_layer("opt", [a, a], shape, cfg)
+    for k in a:
+        if solver == "exact":
+            assert torch.equal(res.canon[k], a[k]), k
+        else:
+            torch.testing.assert_close(res.canon[k], a[k], atol=1e-4, rtol=0)
+    assert res.diagnostics["retained_norm"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_alignment_reduces_cost_and_keeps_more_norm_than_average():
+    model = tiny_model("gqa")
+    _, shape, a = canon_of(model, 1)
+    b = shuffle(canon_of(model, 2)[2], shape)  # a different layer, shuffled: the average is poor
+    res = make_layer("opt", [a, b], shape, UpscaleConfig(zero_init=False))
+    d = res.diagnostics
+    assert d["neurons_cost_ratio"] < 1.0
+    assert d["heads_cost_ratio"] <= 1.0
+    assert d["retained_norm"] >= d["retained_norm_avg"]
+
+
+def test_zero_init_zeroes_exactly_the_outputs():
+    model = tiny_model("qwen2")
+    _, shape, a = canon_of(model, 1)
+    _, _, b = canon_of(model, 2)
+    res = make_layer("avg", [a, b], shape, UpscaleConfig(method="avg"))
+    for r in ("o", "down"):
+        assert torch.count_nonzero(res.canon[r]) == 0
+    for r in ("q", "k", "v", "q_bias", "gate", "up"):
+        assert torch.count_nonzero(res.canon[r]) > 0
+    torch.testing.assert_close(res.canon["q"], 0.5 * (a["q"] + b["q"]))
+
+
+def test_restore_norm_restores_row_norms():
+    model = tiny_model("gqa")
+    _, shape, a = canon_of(model, 1)
+    _, _, b = canon_of(model, 2)
+    res = make_layer("avg", [a, b], shape, UpscaleConfig(method="avg", restore_norm=True, zero_init=False))
+    want = 0.5 * (a["up"].norm(dim=1) + b["up"].norm(dim=1))
+    torch.testing.assert_close(res.canon["up"].norm(dim=1), want)
