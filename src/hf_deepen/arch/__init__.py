@@ -1,7 +1,25 @@
 """Architecture specs: how each model family stores a decoder layer, as data."""
 
 from . import families as _families  # noqa: F401  (registers the built-in specs)
+from . import fused as _fused  # noqa: F401  (Phi-3, GPT-2, GPT-NeoX)
+from . import variants as _variants  # noqa: F401  (OLMo-2, OPT)
+from .fused import GPT2Spec, GPTNeoXSpec, Phi3Spec
 from .registry import get_module, get_spec, register_spec, registered_model_types
-from .spec import ArchSpec, HeadShape, llama_like
+from .spec import ArchitectureWarning, ArchSpec, HeadShape, llama_like
+from .variants import Olmo2Spec, OptSpec
 
-__all__ = ["ArchSpec", "HeadShape", "get_module", "get_spec", "llama_like", "register_spec", "registered_model_types"]
+__all__ = [
+    "ArchSpec",
+    "ArchitectureWarning",
+    "GPT2Spec",
+    "GPTNeoXSpec",
+    "HeadShape",
+    "Olmo2Spec",
+    "OptSpec",
+    "Phi3Spec",
+    "get_module",
+    "get_spec",
+    "llama_like",
+    "register_spec",
+    "registered_model_types",
+]

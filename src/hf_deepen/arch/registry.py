@@ -1,6 +1,7 @@
 """Registry of architecture specs keyed by ``config.model_type``, and detection.
 
-``get_spec(model)`` returns the registered spec for the model's family, or tries the generic
+``get_spec(model)`` returns the registered spec for the model's family (bound to the model's
+config with :meth:`ArchSpec.bind`), or tries the generic
 fallback (the Llama layout, accepted only if every tensor of a layer is understood), or raises
 :class:`UnsupportedArchitectureError` naming the model_type and the tensors it could not place.
 """
@@ -18,7 +19,7 @@ _SPECS: dict[str, ArchSpec] = {}
 
 ADD_A_FAMILY = (
     "add a spec with hf_deepen.arch.register_spec(llama_like(...)) or ArchSpec(...);"
-    " see 'Adding a family' in the README"
+    " see 'Adding a family' in docs/families.md"
 )
 
 
@@ -44,7 +45,7 @@ def get_spec(model: torch.nn.Module) -> ArchSpec:
     config = model.config
     model_type = getattr(config, "model_type", None)
     if model_type in _SPECS:
-        return _SPECS[model_type]
+        return _SPECS[model_type].bind(config)
     return _infer_spec(model, model_type)
 
 

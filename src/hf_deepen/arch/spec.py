@@ -17,6 +17,10 @@ role           shape                                       permuted by
                                                            stream and are never permuted
 =============  ==========================================  ====================================
 
+``q_bias`` / ``k_bias`` may hold any per-row vector of ``q`` / ``k`` that moves with its rows, not
+only a bias: OLMo-2's ``q_norm`` / ``k_norm`` gains (one entry per row of the whole projection)
+are mapped there (see ``arch/variants.py``).
+
 Any other tensor of the layer must be listed in ``residual`` (norm gains and other tensors that
 live on the residual stream or are shared by all heads, such as Qwen3's per-head ``q_norm``):
 those are never permuted, only averaged or copied. A tensor that is neither is refused by OT
@@ -24,7 +28,11 @@ fusion with a message that names it, because permuting around it could silently 
 
 A family whose tensors are fused or transposed (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``)
 overrides :meth:`ArchSpec.to_canonical` / :meth:`ArchSpec.from_canonical`; the rest of the
-library never sees the difference.
+library never sees the difference (see ``arch/fused.py``). A spec that needs the model config to
+read a layer (GPT-NeoX's per-head interleaved ``query_key_value``) overrides :meth:`ArchSpec.bind`,
+which :func:`~hf_deepen.arch.get_spec` calls with the model's config. :meth:`ArchSpec.head_shape`
+is called once per upscale before any tensor is read, so it is where a spec refuses (raise) or
+warns about a config it cannot serve.
 """
 
 from __future__ import annotations
@@ -52,6 +60,10 @@ NEURON_COLS = ("down",)
 #: roles that write to the residual stream: zeroed for a function-preserving new layer
 OUTPUT_ROLES = ("o", "o_bias", "down", "down_bias")
 ROLES = QUERY_HEAD_ROWS + KV_HEAD_ROWS + QUERY_HEAD_COLS + NEURON_ROWS + NEURON_COLS + ("o_bias", "down_bias")
+
+
+class ArchitectureWarning(UserWarning):
+    """A spec serves this model, but with a caveat (e.g. zero-init cannot be function preserving)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,15 @@ class ArchSpec:
     per_layer_config: tuple[str, ...] = ("layer_types",)
     notes: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    # ---- binding to one model -----------------------------------------------------------
+    def bind(self, config: Any) -> "ArchSpec":
+        """The spec for one model with this ``config`` (default: ``self``).
+
+        Override when reading a layer needs the config (head counts of a fused tensor that the
+        layer's own shapes do not give away), or when the mapping depends on config flags.
+        """
+        return self
 
     # ---- geometry -------------------------------------------------------------------------
     def head_shape(self, config: Any) -> HeadShape:
