@@ -199,7 +199,12 @@ class DepthUpscaler:
         """
         if not getattr(self.model.config, PROVENANCE_KEY, None):
             raise ConfigError("nothing to save yet: call upscale() first (or use model.save_pretrained)")
-        tok = tokenizer if tokenizer is not None else self.tokenizer
+        tok = tokenizer
+        if tok is None:
+            try:
+                tok = self.tokenizer
+            except (OSError, ValueError) as e:  # a checkpoint without tokenizer files
+                warnings.warn(f"no tokenizer saved with the model: {e.__class__.__name__}: {str(e)[:200]}", stacklevel=2)
 
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp, **kwargs)

@@ -1,0 +1,47 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_deepen.cli import main
+
+from conftest import tiny_model
+
+
+def test_help_lists_every_option():
+    out = subprocess.run([sys.executable, "-m", "hf_deepen.cli", "upscale", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for opt in ("--method", "--solver", "--sinkhorn-reg", "--layout", "--num-layers", "--positions", "--every-k",
+                "--no-zero-init", "--fusion-weight", "--restore-norm", "--gguf-file", "--trust-remote-code", "--overwrite"):
+        assert opt in out.stdout, opt
+
+
+def test_upscale_command(tmp_path, capsys):
+    model = tiny_model("gqa")
+    model.save_pretrained(tmp_path / "base")
+    rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "out"), "--method", "avg",
+               "--positions", "1,3", "--no-progress", "--report", str(tmp_path / "r.json")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "6 -> 8" in printed and "saved" in printed
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.config.num_hidden_layers == 8
+    assert loaded.config.hf_deepen["stages"][0]["new_layer_indices"] == [2, 5]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| avg |" in card or "avg" in card
+    assert (tmp_path / "r.json").exists()
+    # existing output is refused with the fix, and nothing is loaded or written
+    rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_bad_option_is_a_clean_error(tmp_path, capsys):
+    rc = main(["upscale", "whatever", "--out", str(tmp_path / "o"), "--positions", "3,3", "--method", "solar"])
+    assert rc == 2
+    assert "solar" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["upscale", "x", "--out", "y", "--method", "nope"])
+    assert torch is not None
