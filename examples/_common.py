@@ -34,10 +34,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="use a tiny random Llama (hidden 64, 4 layers) and a byte-level tokenizer: seconds, for tests")
     p.add_argument("--method", default="opt", choices=("opt", "avg", "copy", "solar"), help="upscaling method")
     p.add_argument("--num-layers", type=int, default=None, help="target depth (default: L + L//2)")
-    p.add_argument("--max-steps", type=int, default=30, help="optimizer steps")
+    p.add_argument("--max-steps", type=int, default=20, help="optimizer steps")
     p.add_argument("--lr", type=float, default=2e-4, help="learning rate")
     p.add_argument("--batch-size", type=int, default=4, help="per-device batch size")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training block")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/" + Path(sys.argv[0]).stem, help="output directory")
     return p

@@ -36,7 +36,7 @@ def main(argv=None):
     p = _common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--text", default=None, help="plain text file (default: pydoc_data.topics)")
     p.add_argument("--max-chars", type=int, default=None)
-    p.add_argument("--eval-blocks", type=int, default=16)
+    p.add_argument("--eval-blocks", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--cpu", action="store_true",
                    help="force CPU processes (gloo); needed for multi-process CPU runs, see the docstring")

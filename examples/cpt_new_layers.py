@@ -27,7 +27,7 @@ def main(argv=None):
     p = _common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--text", default=None, help="plain text file (default: pydoc_data.topics written to <out>)")
     p.add_argument("--max-chars", type=int, default=None, help="use only the first N characters of the text")
-    p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for the before/after loss")
+    p.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks for the before/after loss")
     args = p.parse_args(argv)
     if args.tiny and args.max_chars is None:
         args.max_chars = 40_000

@@ -29,7 +29,7 @@ def main(argv=None):
     p.add_argument("--alpha", type=int, default=16, help="LoRA alpha")
     p.add_argument("--text", default=None, help="plain text file (default: pydoc_data.topics written to <out>)")
     p.add_argument("--max-chars", type=int, default=None, help="use only the first N characters of the text")
-    p.add_argument("--eval-blocks", type=int, default=16)
+    p.add_argument("--eval-blocks", type=int, default=8)
     p.set_defaults(lr=1e-3)
     args = p.parse_args(argv)
     if args.tiny and args.max_chars is None:
