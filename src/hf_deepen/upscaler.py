@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .arch import get_module, get_spec
 from .arch.spec import ArchSpec
 from .config import UpscaleConfig
-from .errors import AlignmentWarning, ConfigError, UnsupportedArchitectureError, UnsupportedModelError
-from .fuse import make_layer
+from .errors import AlignmentWarning, ConfigError, UnsupportedModelError
+from .fuse import build_layer_state
 from .io import atomic_save, model_card, prepare_model, write_json
 from .layouts import build_plan
 from .plan import DepthPlan
@@ -140,25 +140,12 @@ class DepthUpscaler:
         new = [(i, s) for i, s in enumerate(plan.layers) if s.kind == "new"]
         align_s = 0.0
         for i, src in tqdm(new, desc=f"hf_deepen {cfg.method}", unit="layer", disable=not _show(progress)):
-            canons = []
-            for j in src.sources:
-                state = layers[j].state_dict()
-                canon, unknown = spec.to_canonical(state)
-                if cfg.method == "opt":
-                    if unknown:
-                        raise UnsupportedArchitectureError(
-                            f"{model.config.model_type}: OT fusion does not know how tensor(s)"
-                            f" {', '.join(sorted(unknown))} of layer {j} relate to heads or neurons; list them in"
-                            f" the spec's residual= if they live on the residual stream, or use method='avg'/'copy'"
-                        )
-                    spec.check_shapes(canon, shape, f"{model.config.model_type} layer {j}")
-                canons.append(canon)
+            sources = [layers[j].state_dict() for j in src.sources]
+            where = f"{model.config.model_type} layers {list(src.sources)}"
             ta = time.perf_counter()
-            res = make_layer(cfg.method, canons, shape, cfg)
+            res = build_layer_state(spec, cfg, shape, sources, where)
             align_s += time.perf_counter() - ta
-            ref = layers[src.sources[0]].state_dict()
-            out = spec.from_canonical(res.canon)
-            states[i] = {k: v.to(dtype=ref[k].dtype, device=ref[k].device) for k, v in out.items()}
+            states[i] = res.canon
             report.layers.append({"index": i, "sources": list(src.sources), "method": cfg.method, "diagnostics": res.diagnostics})
             self._check(res.diagnostics, i, report)
         report.timings["align+fuse"] = align_s

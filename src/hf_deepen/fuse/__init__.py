@@ -8,13 +8,16 @@ after the method, the same way for every method that allows them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
 from ..align import align_layers
 from ..arch.spec import NEURON_COLS, NEURON_ROWS, OUTPUT_ROLES, QUERY_HEAD_COLS, QUERY_HEAD_ROWS, KV_HEAD_ROWS, HeadShape
 from ..config import UpscaleConfig
+
+if TYPE_CHECKING:
+    from ..arch.spec import ArchSpec
 
 Tensor = torch.Tensor
 Canon = Mapping[str, Tensor]
@@ -120,4 +123,34 @@ def make_layer(method: str, sources: list[Canon], shape: HeadShape, cfg: Upscale
     return res
 
 
-__all__ = ["FusionResult", "make_layer", "register_fusion", "restore_norms", "retained_norm"]
+def build_layer_state(
+    spec: "ArchSpec", cfg: UpscaleConfig, shape: HeadShape, sources: list[Mapping[str, Tensor]], where: str
+) -> FusionResult:
+    """One new layer's state dict from its source layers' state dicts (shared by the in-memory and
+    the streaming paths, so both give the same tensors). ``where`` names the model in errors.
+
+    The result's ``canon`` holds the layer's *state dict* (named as the family names it), cast to
+    the dtype and device of the first source.
+    """
+    from ..errors import UnsupportedArchitectureError
+
+    canons = []
+    for j, state in enumerate(sources):
+        canon, unknown = spec.to_canonical(state)
+        if cfg.method == "opt":
+            if unknown:
+                raise UnsupportedArchitectureError(
+                    f"{where}: OT fusion does not know how tensor(s) {', '.join(sorted(unknown))} relate to heads or"
+                    " neurons; list them in the spec's residual= if they live on the residual stream, or use"
+                    " method='avg'/'copy'"
+                )
+            spec.check_shapes(canon, shape, where)
+        canons.append(canon)
+    res = make_layer(cfg.method, canons, shape, cfg)
+    ref = sources[0]
+    out = spec.from_canonical(res.canon)
+    res.canon = {k: v.to(dtype=ref[k].dtype, device=ref[k].device) for k, v in out.items()}
+    return res
+
+
+__all__ = ["FusionResult", "build_layer_state", "make_layer", "register_fusion", "restore_norms", "retained_norm"]
