@@ -29,7 +29,16 @@ from hf_deepen.align import align_layers
 from hf_deepen.arch import ArchitectureWarning, get_module, get_spec
 from hf_deepen.surgery import per_layer_fields
 
-torch.set_num_threads(1)  # tiny matrices: threads only add contention
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matrices: intra-op threads only add contention (10x slower on a loaded 2-core box)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 SEED = 0
 NUM_LAYERS = 4
