@@ -100,7 +100,11 @@ FAMILIES = {
         ),
     ),
     "phi3": ("phi3", _common()),
-    "gpt2": ("gpt2", dict(vocab_size=100, n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_inner=48, n_positions=64, bos_token_id=1, eos_token_id=2)),
+    "gpt2": (
+        "gpt2",
+        dict(vocab_size=100, n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_inner=48, n_positions=64,
+             bos_token_id=1, eos_token_id=2),
+    ),
     "gpt_neox": (
         "gpt_neox",
         _common(**_MHA, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
@@ -194,7 +198,8 @@ def test_upscale_matrix(family, method, tmp_path):
     ids = inputs()
     ref = logits(model, ids)
     ref_gen = gen_logits(model, ids, use_cache=True)
-    base_lists = {n: list(getattr(model.config, n)) for n in per_layer_fields(model.config, get_spec(model), NUM_LAYERS)}
+    fields = per_layer_fields(model.config, get_spec(model), NUM_LAYERS)
+    base_lists = {n: list(getattr(model.config, n)) for n in fields}
 
     up = DepthUpscaler(model)
     plan = up.plan(**opts)

@@ -8,6 +8,7 @@ alignment and fusion code only ever sees the canonical layer.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -22,8 +23,6 @@ Tensor = torch.Tensor
 
 def _split_rest(spec: ArchSpec, state: Mapping[str, Tensor], canon: dict[str, Tensor], used: set[str]) -> list[str]:
     """Copy the tensors not consumed by a split; return the names that are not residual either."""
-    import fnmatch
-
     unknown = []
     for name, t in state.items():
         if name in used:
@@ -251,7 +250,9 @@ class GPTNeoXSpec(ArchSpec):
     def head_shape(self, config: Any) -> HeadShape:
         shape = super().head_shape(config)
         if shape.num_kv_heads != shape.num_heads:
-            raise UnsupportedArchitectureError(f"{config.model_type}: query_key_value with GQA is not a GPT-NeoX layout")
+            raise UnsupportedArchitectureError(
+                f"{config.model_type}: query_key_value with GQA is not a GPT-NeoX layout"
+            )
         return shape
 
 
