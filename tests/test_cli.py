@@ -45,3 +45,11 @@ def test_bad_option_is_a_clean_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["upscale", "x", "--out", "y", "--method", "nope"])
     assert torch is not None
+
+
+def test_streaming_command(tmp_path, capsys):
+    tiny_model("qwen2").save_pretrained(tmp_path / "base")
+    rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "out"), "--streaming", "--no-progress"])
+    assert rc == 0
+    assert "6 -> 9" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == 9

@@ -12,6 +12,7 @@ from .errors import (
 )
 from .plan import DepthPlan
 from .provenance import new_layer_indices, provenance
+from .streaming import upscale_checkpoint
 from .upscaler import DepthUpscaler
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "__version__",
     "new_layer_indices",
     "provenance",
+    "upscale_checkpoint",
 ]

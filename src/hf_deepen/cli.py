@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--revision", default=None)
     u.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run (off by default)")
     u.add_argument("--report", default=None, help="also write the JSON report to this path")
+    u.add_argument("--streaming", action="store_true",
+                   help="MODEL is a local safetensors checkpoint directory: read and write tensors layer by layer,"
+                        " never instantiating the model (peak memory: a few layers plus one output shard)")
+    u.add_argument("--max-shard-size", default="2GB", help="output shard size for --streaming (default 2GB)")
     u.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_config_options(u)
 
@@ -116,6 +120,19 @@ def _upscale(a: argparse.Namespace) -> int:
 
     cfg = _config_from_args(a)  # validate options before loading anything
     check_output_dir(a.out, a.overwrite)
+    if a.streaming:
+        from .streaming import upscale_checkpoint
+
+        if a.gguf_file or a.revision or a.dtype:
+            raise DeepenError("--streaming reads a local safetensors directory as stored: drop --gguf-file/--revision/--dtype")
+        report = upscale_checkpoint(a.model, a.out, cfg, overwrite=a.overwrite, max_shard_size=a.max_shard_size,
+                                    progress=not a.no_progress)
+        print(report.summary())
+        print(f"saved          {a.out}")
+        if a.report:
+            with open(a.report, "w") as f:
+                json.dump(report.to_dict(), f, indent=2, default=str)
+        return 0
     kwargs = {k: v for k, v in (("gguf_file", a.gguf_file), ("revision", a.revision), ("dtype", _dtype(a.dtype))) if v is not None}
     up = DepthUpscaler.from_pretrained(a.model, trust_remote_code=a.trust_remote_code, **kwargs)
     up.upscale(cfg, progress=not a.no_progress)
