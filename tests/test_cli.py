@@ -53,3 +53,30 @@ def test_streaming_command(tmp_path, capsys):
     assert rc == 0
     assert "6 -> 9" in capsys.readouterr().out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == 9
+
+
+def test_yaml_run_file_flags_override_and_resolved_copy(tmp_path, capsys):
+    import yaml
+
+    tiny_model("gqa").save_pretrained(tmp_path / "base")
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"model": str(tmp_path / "base"), "out": str(tmp_path / "out"),
+                                   "method": "avg", "positions": [1, 2], "progress": False}))
+    rc = main(["upscale", "--config", str(run), "--positions", "0,3"])  # the flag wins over the file
+    assert rc == 0, capsys.readouterr().err
+    resolved = yaml.safe_load((tmp_path / "out" / "hf_deepen_run.yaml").read_text())
+    assert resolved["method"] == "avg" and resolved["positions"] == [0, 3] and resolved["zero_init"] is True
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.hf_deepen["new_layer_indices"] == [1, 5]
+    # the resolved file reproduces the run
+    rc = main(["upscale", "--config", str(tmp_path / "out" / "hf_deepen_run.yaml"), "--out", str(tmp_path / "again")])
+    assert rc == 0
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+
+
+def test_yaml_unknown_key_is_an_error(tmp_path, capsys):
+    run = tmp_path / "run.yaml"
+    run.write_text("model: x\nout: y\nmethod: opt\nlayout_typo: top\n")
+    assert main(["upscale", "--config", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "layout_typo" in err and "valid keys" in err
+    assert not (tmp_path / "y").exists()

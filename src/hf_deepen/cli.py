@@ -23,33 +23,67 @@ def _positions(text: str) -> list[int]:
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     d = UpscaleConfig()
+    S = argparse.SUPPRESS  # only flags given on the command line override --config
     g = p.add_argument_group("how new layers are made and where they go (see UpscaleConfig)")
-    g.add_argument("--method", choices=METHODS, default=d.method,
+    g.add_argument("--method", choices=METHODS, default=S,
                    help="opt: OpT-DeUS (OT-aligned average of the two neighbours; default); avg: plain average;"
                         " copy: LLaMA Pro copy of the layer below; solar: SOLAR DUS")
-    g.add_argument("--solver", choices=SOLVERS, default=d.solver, help="OT solver for --method opt (default: exact)")
-    g.add_argument("--sinkhorn-reg", type=float, default=d.sinkhorn_reg,
+    g.add_argument("--solver", choices=SOLVERS, default=S, help="OT solver for --method opt (default: exact)")
+    g.add_argument("--sinkhorn-reg", type=float, default=S,
                    help=f"entropic regularisation relative to the mean cost (default: {d.sinkhorn_reg})")
-    g.add_argument("--sinkhorn-max-iter", type=int, default=d.sinkhorn_max_iter)
-    g.add_argument("--layout", choices=[l for l in LAYOUTS if l not in ("positions", "solar")], default=None,
+    g.add_argument("--sinkhorn-max-iter", type=int, default=S, help=f"default: {d.sinkhorn_max_iter}")
+    g.add_argument("--layout", choices=[l for l in LAYOUTS if l not in ("positions", "solar")], default=S,
                    help="top (paper default: interleave the top half), middle, bottom, uniform")
-    g.add_argument("--num-layers", type=int, default=None, help="target depth (default: L + L//2, e.g. 30 -> 45)")
-    g.add_argument("--positions", type=_positions, default=None,
+    g.add_argument("--num-layers", type=int, default=S, help="target depth (default: L + L//2, e.g. 30 -> 45)")
+    g.add_argument("--positions", type=_positions, default=S,
                    help="explicit comma-separated positions: a new layer after base layer p (built from p and p+1)")
-    g.add_argument("--every-k", type=int, default=None, help="uniform layout: a new layer after every k-th layer")
-    g.add_argument("--no-zero-init", dest="zero_init", action="store_false", default=None,
+    g.add_argument("--every-k", type=int, default=S, help="uniform layout: a new layer after every k-th layer")
+    g.add_argument("--no-zero-init", dest="zero_init", action="store_false", default=S,
                    help="keep the new layers' output projections (not function preserving)")
-    g.add_argument("--fusion-weight", type=float, default=d.fusion_weight,
-                   help="weight of the upper neighbour in the fused layer (default 0.5)")
-    g.add_argument("--restore-norm", action="store_true", help="rescale fused rows to their parents' mean norm")
+    g.add_argument("--fusion-weight", type=float, default=S,
+                   help=f"weight of the upper neighbour in the fused layer (default {d.fusion_weight})")
+    g.add_argument("--restore-norm", action="store_true", default=S,
+                   help="rescale fused rows to their parents' mean norm")
 
 
-def _config_from_args(a: argparse.Namespace) -> UpscaleConfig:
-    return UpscaleConfig(
-        method=a.method, solver=a.solver, sinkhorn_reg=a.sinkhorn_reg, sinkhorn_max_iter=a.sinkhorn_max_iter,
-        layout=a.layout, num_layers=a.num_layers, positions=a.positions, every_k=a.every_k, zero_init=a.zero_init,
-        fusion_weight=a.fusion_weight, restore_norm=a.restore_norm,
-    )
+#: keys of a run (YAML file or flags) that are not UpscaleConfig options, with their defaults
+RUN_DEFAULTS: dict = {
+    "model": None, "out": None, "overwrite": False, "gguf_file": None, "dtype": None, "revision": None,
+    "trust_remote_code": False, "streaming": False, "max_shard_size": "2GB", "report": None, "progress": True,
+}
+CONFIG_KEYS = [f for f in UpscaleConfig.__dataclass_fields__ if f != "version"]
+
+
+def resolve_run(args: argparse.Namespace) -> dict:
+    """Defaults < the YAML file of ``--config`` < flags given on the command line. Unknown keys are errors."""
+    run = dict(RUN_DEFAULTS)
+    if getattr(args, "config", None):
+        import yaml
+
+        try:
+            with open(args.config) as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise DeepenError(f"cannot read --config {args.config!r}: {e.strerror}") from None
+        if not isinstance(loaded, dict):
+            raise DeepenError(f"--config {args.config!r} must hold a mapping of options")
+        unknown = sorted(set(loaded) - set(RUN_DEFAULTS) - set(CONFIG_KEYS))
+        if unknown:
+            raise DeepenError(
+                f"unknown key(s) {', '.join(unknown)} in {args.config!r}: valid keys are"
+                f" {', '.join(sorted(set(RUN_DEFAULTS) | set(CONFIG_KEYS)))}"
+            )
+        run.update(loaded)
+    given = vars(args)
+    for k in list(RUN_DEFAULTS) + CONFIG_KEYS:
+        if k != "progress" and given.get(k) is not None:
+            run[k] = given[k]
+    if given.get("no_progress"):
+        run["progress"] = False
+    for k in ("model", "out"):
+        if not run.get(k):
+            raise DeepenError(f"no {k} given: pass it on the command line or as '{k}:' in --config")
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,18 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     u = sub.add_parser("upscale", help="upscale a model and save it", description="Upscale MODEL and save it to --out.")
-    u.add_argument("model", help="a Hub id or a local directory (use --gguf-file for a GGUF checkpoint)")
-    u.add_argument("--out", required=True, help="output directory (refused if it exists and is not empty)")
-    u.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    u.add_argument("model", nargs="?", default=None,
+                   help="a Hub id or a local directory (use --gguf-file for a GGUF checkpoint)")
+    u.add_argument("--config", default=None,
+                   help="a YAML file holding the whole run (model, out and any option below, as key: value);"
+                        " flags given here override it; the resolved run is saved as hf_deepen_run.yaml")
+    u.add_argument("--out", default=None, help="output directory (refused if it exists and is not empty)")
+    u.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
     u.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL (needs the gguf package)")
     u.add_argument("--dtype", default=None, help="dtype to load the model in (float32, bfloat16, float16, auto)")
     u.add_argument("--revision", default=None)
-    u.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run (off by default)")
+    u.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow the model's own code to run (off by default)")
     u.add_argument("--report", default=None, help="also write the JSON report to this path")
-    u.add_argument("--streaming", action="store_true",
+    u.add_argument("--streaming", action="store_true", default=None,
                    help="MODEL is a local safetensors checkpoint directory: read and write tensors layer by layer,"
                         " never instantiating the model (peak memory: a few layers plus one output shard)")
-    u.add_argument("--max-shard-size", default="2GB", help="output shard size for --streaming (default 2GB)")
+    u.add_argument("--max-shard-size", default=None, help="output shard size for --streaming (default 2GB)")
     u.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_config_options(u)
 
@@ -114,35 +153,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _upscale(a: argparse.Namespace) -> int:
+def _upscale(args: argparse.Namespace) -> int:
+    import yaml
+
     from .io import check_output_dir
     from .upscaler import DepthUpscaler
 
-    cfg = _config_from_args(a)  # validate options before loading anything
-    check_output_dir(a.out, a.overwrite)
-    if a.streaming:
+    run = resolve_run(args)
+    cfg = UpscaleConfig.from_dict({k: run[k] for k in CONFIG_KEYS if k in run})  # validate before loading
+    check_output_dir(run["out"], run["overwrite"])
+    resolved = {**{k: run[k] for k in RUN_DEFAULTS}, **{k: v for k, v in cfg.to_dict().items() if k != "version"}}
+    extra = {"hf_deepen_run.yaml": yaml.safe_dump(resolved, sort_keys=False)}
+    if run["streaming"]:
         from .streaming import upscale_checkpoint
 
-        if a.gguf_file or a.revision or a.dtype:
-            raise DeepenError("--streaming reads a local safetensors directory as stored: drop --gguf-file/--revision/--dtype")
-        report = upscale_checkpoint(a.model, a.out, cfg, overwrite=a.overwrite, max_shard_size=a.max_shard_size,
-                                    progress=not a.no_progress)
-        print(report.summary())
-        print(f"saved          {a.out}")
-        if a.report:
-            with open(a.report, "w") as f:
-                json.dump(report.to_dict(), f, indent=2, default=str)
-        return 0
-    kwargs = {k: v for k, v in (("gguf_file", a.gguf_file), ("revision", a.revision), ("dtype", _dtype(a.dtype))) if v is not None}
-    up = DepthUpscaler.from_pretrained(a.model, trust_remote_code=a.trust_remote_code, **kwargs)
-    up.upscale(cfg, progress=not a.no_progress)
-    out = up.save_pretrained(a.out, overwrite=a.overwrite)
-    assert up.report is not None
-    print(up.report.summary())
-    print(f"saved          {out}")
-    if a.report:
-        with open(a.report, "w") as f:
-            json.dump(up.report.to_dict(), f, indent=2, default=str)
+        if run["gguf_file"] or run["revision"] or run["dtype"]:
+            raise DeepenError("streaming reads a local safetensors directory as stored: drop gguf_file/revision/dtype")
+        report = upscale_checkpoint(run["model"], run["out"], cfg, overwrite=run["overwrite"],
+                                    max_shard_size=run["max_shard_size"], progress=run["progress"], extra_files=extra)
+    else:
+        kwargs = {k: v for k, v in (("gguf_file", run["gguf_file"]), ("revision", run["revision"]),
+                                    ("dtype", _dtype(run["dtype"]))) if v is not None}
+        up = DepthUpscaler.from_pretrained(run["model"], trust_remote_code=bool(run["trust_remote_code"]), **kwargs)
+        up.upscale(cfg, progress=run["progress"])
+        up.save_pretrained(run["out"], overwrite=run["overwrite"], extra_files=extra)
+        report = up.report
+    assert report is not None
+    print(report.summary())
+    print(f"saved          {run['out']}")
+    if run["report"]:
+        with open(run["report"], "w") as f:
+            json.dump(report.to_dict(), f, indent=2, default=str)
     return 0
 
 

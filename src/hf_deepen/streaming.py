@@ -121,6 +121,7 @@ def upscale_checkpoint(
     overwrite: bool = False,
     max_shard_size: int | str = "2GB",
     progress: bool | None = None,
+    extra_files: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> UpscaleReport:
     """Upscale the checkpoint in directory ``src`` into directory ``out``, streaming tensors.
@@ -211,6 +212,8 @@ def upscale_checkpoint(
         (tmp / "README.md").write_text(model_card(getattr(hf_config, PROVENANCE_KEY)))
         report.timings["total"] = time.perf_counter() - t0
         write_json(tmp / "hf_deepen_report.json", report.to_dict())
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
     try:
         atomic_save(out, write, overwrite=overwrite)

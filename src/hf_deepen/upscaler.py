@@ -177,7 +177,13 @@ class DepthUpscaler:
 
     # ---- output -----------------------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | Path, *, overwrite: bool = False, tokenizer: Any = None, **kwargs: Any
+        self,
+        save_directory: str | Path,
+        *,
+        overwrite: bool = False,
+        tokenizer: Any = None,
+        extra_files: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> Path:
         """Save the model (safetensors), its tokenizer, a model card and ``hf_deepen_report.json``.
 
@@ -200,6 +206,8 @@ class DepthUpscaler:
             (tmp / "README.md").write_text(model_card(getattr(self.model.config, PROVENANCE_KEY)))
             if self.report is not None:
                 write_json(tmp / "hf_deepen_report.json", self.report.to_dict())
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
 
         return atomic_save(save_directory, write, overwrite=overwrite)
 
