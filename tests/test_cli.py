@@ -80,3 +80,20 @@ def test_yaml_unknown_key_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "layout_typo" in err and "valid keys" in err
     assert not (tmp_path / "y").exists()
+
+
+def test_eval_command_reports_loss(tmp_path, capsys):
+    from hf_deepen.evaluate import heldout_loss
+    from hf_deepen.io import default_gguf
+
+    pytest.importorskip("gguf")
+    d, g = default_gguf()
+    text = tmp_path / "t.txt"
+    text.write_text("The cat sat on the mat. " * 40)
+    rc = main(["eval", d, str(text), "--gguf-file", g, "--block-size", "32", "--max-blocks", "4"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    loss = float(out.split("loss ")[1].split()[0])
+    assert 0 < loss < 3  # a repeated sentence is easy for a real model; random weights give ~10.8
+    with pytest.raises(ValueError, match="fewer than one block"):
+        heldout_loss(tiny_model("gqa"), type("T", (), {"__call__": lambda s, t, **k: type("E", (), {"input_ids": torch.zeros(1, 3, dtype=torch.long)})()})(), "x", block_size=8)

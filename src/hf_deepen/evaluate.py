@@ -1,0 +1,41 @@
+"""Held-out perplexity of a causal LM on a plain text file (``hf-deepen eval``).
+
+The text is tokenised once, cut into non-overlapping blocks of ``block_size`` tokens (the last,
+shorter block dropped), and the mean next-token negative log-likelihood over all predicted tokens
+is reported with its perplexity. For the paper's downstream tasks use lm-eval-harness (see the
+README); this is the quick, offline check.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def heldout_loss(model: Any, tokenizer: Any, text: str, block_size: int = 256, batch_size: int = 4,
+                 max_blocks: int | None = None) -> dict[str, float]:
+    from .errors import ConfigError
+
+    if block_size < 2:
+        raise ConfigError(f"block_size must be at least 2, got {block_size}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n = ids.numel() // block_size
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n == 0:
+        raise ConfigError(f"the text has {ids.numel()} tokens, fewer than one block of {block_size}: lower block_size")
+    blocks = ids[: n * block_size].view(n, block_size)
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            b = blocks[i : i + batch_size].to(device)
+            logits = model(b).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum")
+            total += nll.item()
+            count += b[:, 1:].numel()
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "blocks": n}
