@@ -28,6 +28,8 @@ def main(argv=None):
     p = _common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DATA), help="JSONL file, one {'messages': [...]} conversation a line")
     p.add_argument("--eval-size", type=int, default=4, help="conversations held out for the before/after loss")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="trade compute for memory (TRL turns it on by default; off here: faster on a CPU)")
     p.set_defaults(lr=1e-4, seq_len=512)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -49,6 +51,7 @@ def main(argv=None):
         max_length=args.seq_len, packing=False, lr_scheduler_type="constant", warmup_steps=0,
         logging_steps=max(1, args.max_steps // 10), save_strategy="no", report_to="none", use_cpu=True,
         seed=args.seed, disable_tqdm=True, bf16=False, fp16=False,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=split["train"], eval_dataset=split["test"], processing_class=tok
@@ -56,7 +59,12 @@ def main(argv=None):
     # SFTTrainer must not have unfrozen anything
     assert sum(q.numel() for q in trainer.model.parameters() if q.requires_grad) == counts["trainable"]
     before = trainer.evaluate()["eval_loss"]
+    snap = {n: q.detach().clone() for n, q in model.named_parameters()}
     trainer.train()
+    changed = {n for n, q in model.named_parameters() if not torch.equal(q, snap[n])}
+    trainable = {n for n, q in model.named_parameters() if q.requires_grad}
+    assert changed and changed <= trainable, f"frozen weights moved: {sorted(changed - trainable)[:3]}"
+    del snap
     after = trainer.evaluate()["eval_loss"]
     print(f"held-out loss before: {before:.4f}  after: {after:.4f}")
 
@@ -73,7 +81,7 @@ def main(argv=None):
     _common.write_metrics(out, {
         "eval_loss_before": before, "eval_loss_after": after, "steps": args.max_steps,
         "trainable": counts["trainable"], "total": counts["total"], "new_layers": counts["new_layers"],
-        "sample_reply": sample, "model_dir": str(out / "model"),
+        "changed_tensors": len(changed), "frozen_unchanged": True, "sample_reply": sample, "model_dir": str(out / "model"),
     })
 
 

@@ -210,6 +210,7 @@ def test_example_sft_trl(tmp_path):
     m = run_example([sys.executable, "examples/sft_trl.py", "--tiny", "--max-steps", "2", "--seq-len", "256",
                      "--out", str(tmp_path)], tmp_path)
     assert m["new_layers"] == [2, 4] and m["eval_loss_after"] != m["eval_loss_before"]
+    assert m["frozen_unchanged"] and m["changed_tensors"] == 2 * 9  # every tensor of the 2 new layers
     check_saved(tmp_path / "model")
 
 
