@@ -433,6 +433,26 @@ def _seed_diffs(runs, a, b, dom):
     return [rb[s] - ra[s] for s in sorted(set(ra) & set(rb))]
 
 
+def paired_table(runs: list[dict[str, Any]], summary: dict[str, Any], ref: str, names: list[str]) -> list[str]:
+    """Each variant's final loss minus ``ref``'s, paired by seed (positive: ``ref`` is better)."""
+    if ref not in summary:
+        return []
+    L = [f"Paired differences against `{ref}` (final loss of the variant minus `{ref}`'s, same seed; mean ± std"
+         f" over seeds; positive = `{ref}` better; 'all seeds' = the sign is the same on every seed):", "",
+         "| variant | docs: diff | docs: all seeds | license: diff | license: all seeds |", "|---|---|---|---|---|"]
+    for n in names:
+        if n == ref or n not in summary:
+            continue
+        cells = []
+        for dom in DOMAINS:
+            m, sd, k = paired(runs, ref, n, dom)
+            ds = _seed_diffs(runs, ref, n, dom)
+            same = "yes" if ds and (all(d > 0 for d in ds) or all(d < 0 for d in ds)) else "no"
+            cells += [f"{m:+.4f} ± {sd:.4f}", same]
+        L.append(f"| `{n}` | " + " | ".join(cells) + " |")
+    return L
+
+
 # ---- outputs --------------------------------------------------------------------------------------
 def table(summary: dict[str, Any], names: list[str], info: dict[str, Any]) -> str:
     head = ("| variant | layers | trainable params | held-out docs, step 0 | held-out docs, final (mean ± std) |"
@@ -545,7 +565,7 @@ def readme_block(res: dict[str, Any]) -> str:
               table(s, main, info), "", "Verdict (generated; std = sample std over seeds; paired = same seed):", ""]
         for dom in DOMAINS:
             L += verdict(runs, s, main, dom)
-        L += ["", "![curves](results/curves_main.png)", ""]
+        L += ["", *paired_table(runs, s, "opt-exact", main), "", "![curves](results/curves_main.png)", ""]
     if lay:
         L += ["### Study 2: where the OpT-DeUS layers go (exact OT, base frozen)", "", table(s, lay, info), ""]
         for dom in DOMAINS:
