@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Sequence
 
-from .config import LAYOUTS, METHODS, SOLVERS, UpscaleConfig
+from .config import LAYOUTS, METHODS, SOLVERS, ZERO_TARGETS, UpscaleConfig
 from .errors import DeepenError
 
 
@@ -40,6 +40,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--every-k", type=int, default=S, help="uniform layout: a new layer after every k-th layer")
     g.add_argument("--no-zero-init", dest="zero_init", action="store_false", default=S,
                    help="keep the new layers' output projections (not function preserving)")
+    g.add_argument("--zero-target", choices=ZERO_TARGETS, default=S,
+                   help="what zero-init zeroes: outputs (o_proj/down_proj), post_norm (the gains of the block"
+                        " post-norms, Gemma-2/3 and OLMo-2), auto (default: post_norm where the family has them)")
     g.add_argument("--fusion-weight", type=float, default=S,
                    help=f"weight of the upper neighbour in the fused layer (default {d.fusion_weight})")
     g.add_argument("--restore-norm", action="store_true", default=S,

@@ -19,7 +19,7 @@ CONFIG_VERSION = 1
 METHODS = ("opt", "avg", "copy", "solar")
 SOLVERS = ("exact", "sinkhorn")
 LAYOUTS = ("top", "middle", "bottom", "uniform", "positions", "solar")
-ZERO_TARGETS = ("outputs",)
+ZERO_TARGETS = ("auto", "outputs", "post_norm")
 
 
 @dataclass
@@ -56,6 +56,15 @@ class UpscaleConfig:
         Zero the new layer's output projections (attention ``o_proj``, MLP ``down_proj`` and their
         biases) so the deeper model computes exactly what the base model did. ``None`` means on for
         opt, avg and copy; SOLAR cannot be function preserving and refuses ``True``.
+    zero_target:
+        What zero-init zeroes. ``"outputs"``: the output projections (above). ``"post_norm"``: the
+        gains of the norms a family applies to each block's *output* (Gemma-2/3 sandwich norms,
+        OLMo-2's post-norms) are set to the value that makes them output zero (``-1`` for Gemma's
+        ``1 + w`` gains, ``0`` for OLMo-2), and the fused projections are kept. Both are exact;
+        the difference is training: with zeroed projections the post-norm sees a zero input, whose
+        gradient is scaled by ``1 / sqrt(eps)``, so the first update switches the layer fully on,
+        while zeroed gains open it smoothly. ``"auto"`` (default): ``"post_norm"`` for families
+        with block post-norms, ``"outputs"`` otherwise.
     fusion_weight:
         Weight of the upper neighbour in the fused layer: ``(1 - w) * aligned_lower + w * upper``.
     restore_norm:
@@ -75,6 +84,7 @@ class UpscaleConfig:
     positions: Sequence[int] | None = None
     every_k: int | None = None
     zero_init: bool | None = None
+    zero_target: str = "auto"
     fusion_weight: float = 0.5
     restore_norm: bool = False
     version: int = CONFIG_VERSION
@@ -124,6 +134,12 @@ class UpscaleConfig:
             )
         if self.zero_init is None:
             self.zero_init = self.method != "solar"
+        if self.zero_target not in ZERO_TARGETS:
+            raise ConfigError(f"unknown zero_target {self.zero_target!r}: choose one of {', '.join(ZERO_TARGETS)}")
+        if self.zero_target != "auto" and not self.zero_init:
+            raise ConfigError(
+                f"zero_target={self.zero_target!r} only applies with zero_init=True: drop one of them"
+            )
         if not (self.sinkhorn_reg > 0):
             raise ConfigError(f"sinkhorn_reg must be > 0, got {self.sinkhorn_reg}")
         if self.sinkhorn_max_iter <= 0:

@@ -148,6 +148,8 @@ def upscale_checkpoint(
         )
     spec = _SPECS[model_type].bind(hf_config)
     shape = spec.head_shape(hf_config)
+    if cfg.zero_init:
+        spec.zero_target(cfg.zero_target)  # refuse a target this family lacks before any work
     ckpt = _Checkpoint(src)
     prefix = spec.layers_path + "."
     layer_re = re.compile(re.escape(prefix) + r"(\d+)\.(.+)")

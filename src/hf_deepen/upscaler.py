@@ -130,6 +130,8 @@ class DepthUpscaler:
         layers = self._layers()
         plan = build_plan(len(layers), cfg)
         shape = spec.head_shape(model.config)
+        if cfg.zero_init:
+            spec.zero_target(cfg.zero_target)  # refuse a target this family lacks before any work
         report = UpscaleReport(plan=plan, config=cfg, architecture=spec.name)
         report.params_before = sum(p.numel() for p in model.parameters())
         if getattr(self, "load_seconds", None) is not None:

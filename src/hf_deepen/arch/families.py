@@ -14,6 +14,9 @@ _PRE_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
 #: Gemma-2/3 "sandwich" norms: a norm before and after each block. Zeroing o_proj / down_proj is
 #: still exact, because the post-norm of a zero vector is zero (RMSNorm(0) = 0).
 _SANDWICH_NORMS = _PRE_NORMS + ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
+#: Gemma-2/3 post-norms (gain stored as w, applied as 1 + w): w = -1 makes a block output zero, the
+#: smooth way to make a new layer the identity (zero_target="post_norm", the default for these).
+_GEMMA_POST_NORMS = {"post_attention_layernorm.weight": -1.0, "post_feedforward_layernorm.weight": -1.0}
 #: per-head q/k RMSNorm gains of size head_dim, shared by all heads: never permuted, only averaged.
 _QK_HEAD_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
@@ -39,7 +42,9 @@ register_spec(llama_like("smollm3", ("smollm3",), per_layer_config=("layer_types
 register_spec(llama_like("gemma", ("gemma",)))
 
 # Gemma-2: sandwich norms, sliding/full attention alternating by layer_types, logit softcapping.
-register_spec(llama_like("gemma2", ("gemma2",), residual=_SANDWICH_NORMS))
+register_spec(llama_like("gemma2", ("gemma2",), residual=_SANDWICH_NORMS, post_norms=_GEMMA_POST_NORMS))
 
 # Gemma-3 (text): as Gemma-2, plus per-head q_norm / k_norm and per-layer-type RoPE.
-register_spec(llama_like("gemma3_text", ("gemma3_text",), residual=_SANDWICH_NORMS + _QK_HEAD_NORMS))
+register_spec(
+    llama_like("gemma3_text", ("gemma3_text",), residual=_SANDWICH_NORMS + _QK_HEAD_NORMS, post_norms=_GEMMA_POST_NORMS)
+)

@@ -102,6 +102,10 @@ class ArchSpec:
     per_layer_config:
         Config fields that hold one entry per layer (``layer_types``); a new layer takes the
         entry of the base layer it is inserted after (its lower neighbour).
+    post_norms:
+        Norms applied to a block's *output* before it joins the residual stream (Gemma-2/3,
+        OLMo-2), as tensor name -> the gain value that makes the norm output zero. Used by
+        ``zero_target="post_norm"``; empty for pre-norm families.
     """
 
     name: str
@@ -111,6 +115,7 @@ class ArchSpec:
     layers_path: str = "model.layers"
     index_attrs: tuple[str, ...] = ("layer_idx",)
     per_layer_config: tuple[str, ...] = ("layer_types",)
+    post_norms: Mapping[str, float] = field(default_factory=dict)
     notes: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -122,6 +127,26 @@ class ArchSpec:
         layer's own shapes do not give away), or when the mapping depends on config flags.
         """
         return self
+
+    # ---- function preservation ------------------------------------------------------------
+    def zero_target(self, requested: str) -> str:
+        """Resolve ``UpscaleConfig.zero_target`` for this family (``"auto"`` -> post-norms if any)."""
+        from ..errors import ConfigError
+
+        if requested == "auto":
+            return "post_norm" if self.post_norms else "outputs"
+        if requested == "post_norm" and not self.post_norms:
+            raise ConfigError(
+                f"zero_target='post_norm': the {self.name!r} layer has no norm on its block outputs to zero (only"
+                " Gemma-2/3 and OLMo-2 style post-norm families do); use zero_target='outputs' or 'auto'"
+            )
+        return requested
+
+    def zero_values(self, requested: str) -> dict[str, float]:
+        """Canonical keys (roles or tensor names) -> the value zero-init writes into them."""
+        if self.zero_target(requested) == "post_norm":
+            return dict(self.post_norms)
+        return {r: 0.0 for r in OUTPUT_ROLES}
 
     # ---- geometry -------------------------------------------------------------------------
     def head_shape(self, config: Any) -> HeadShape:

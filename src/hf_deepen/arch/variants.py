@@ -23,8 +23,9 @@ class Olmo2Spec(ArchSpec):
     where the norms are left unmapped, so OT fusion refuses them (avg / copy still work).
 
     Function preservation: the block outputs are ``post_attention_layernorm(o_proj(...))`` and
-    ``post_feedforward_layernorm(down_proj(...))``; with o_proj / down_proj zeroed both are
-    RMSNorm(0) = 0, so the new layer is the identity.
+    ``post_feedforward_layernorm(down_proj(...))``; zeroing either the post-norm gains (default,
+    ``zero_target="post_norm"``) or o_proj / down_proj (RMSNorm(0) = 0) makes the new layer the
+    identity.
     """
 
     def bind(self, config: Any) -> ArchSpec:
@@ -43,6 +44,8 @@ _olmo2 = llama_like(
     ("olmo2",),
     tensors={"q_bias": "self_attn.q_norm.weight", "k_bias": "self_attn.k_norm.weight"},
     residual=("post_attention_layernorm.weight", "post_feedforward_layernorm.weight"),
+    # plain RMSNorm gains: 0 makes each block output zero (zero_target="post_norm", the default here)
+    post_norms={"post_attention_layernorm.weight": 0.0, "post_feedforward_layernorm.weight": 0.0},
 )
 register_spec(Olmo2Spec(**{f.name: getattr(_olmo2, f.name) for f in dataclasses.fields(_olmo2)}))
 

@@ -113,13 +113,23 @@ def fuse_solar(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> Fu
     return FusionResult(_f64(sources[0]), {})
 
 
-def make_layer(method: str, sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> FusionResult:
-    """Run fusion ``method`` on canonical ``sources`` and apply zero-init if configured."""
+def make_layer(
+    method: str,
+    sources: list[Canon],
+    shape: HeadShape,
+    cfg: UpscaleConfig,
+    zero: Mapping[str, float] | None = None,
+) -> FusionResult:
+    """Run fusion ``method`` on canonical ``sources`` and apply zero-init if configured.
+
+    ``zero`` maps canonical keys to the value zero-init writes (``ArchSpec.zero_values``); the
+    default zeroes the output projections (``OUTPUT_ROLES``).
+    """
     res = _FUSIONS[method](sources, shape, cfg)
     if cfg.zero_init:
-        for r in OUTPUT_ROLES:
-            if r in res.canon:
-                res.canon[r] = torch.zeros_like(res.canon[r])
+        for key, value in (zero if zero is not None else {r: 0.0 for r in OUTPUT_ROLES}).items():
+            if key in res.canon:
+                res.canon[key] = torch.full_like(res.canon[key], value)
     return res
 
 
@@ -146,7 +156,7 @@ def build_layer_state(
                 )
             spec.check_shapes(canon, shape, where)
         canons.append(canon)
-    res = make_layer(cfg.method, canons, shape, cfg)
+    res = make_layer(cfg.method, canons, shape, cfg, spec.zero_values(cfg.zero_target))
     ref = sources[0]
     out = spec.from_canonical(res.canon)
     res.canon = {k: v.to(dtype=ref[k].dtype, device=ref[k].device) for k, v in out.items()}
