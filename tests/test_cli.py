@@ -14,7 +14,8 @@ def test_help_lists_every_option():
     out = subprocess.run([sys.executable, "-m", "hf_deepen.cli", "upscale", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for opt in ("--method", "--solver", "--sinkhorn-reg", "--layout", "--num-layers", "--positions", "--every-k",
-                "--no-zero-init", "--fusion-weight", "--restore-norm", "--gguf-file", "--trust-remote-code", "--overwrite"):
+                "--no-zero-init", "--fusion-weight", "--restore-norm", "--gguf-file", "--trust-remote-code", "--overwrite",
+                "--zero-target", "--align-on", "--calibration", "--calibration-tokens"):
         assert opt in out.stdout, opt
 
 
@@ -45,6 +46,16 @@ def test_bad_option_is_a_clean_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["upscale", "x", "--out", "y", "--method", "nope"])
     assert torch is not None
+
+
+def test_activation_alignment_needs_calibration_and_memory(tmp_path, capsys):
+    tiny_model("gqa").save_pretrained(tmp_path / "base")
+    rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "o"), "--align-on", "activations", "--no-progress"])
+    assert rc == 2 and "--calibration" in capsys.readouterr().err
+    rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "o"), "--align-on", "activations",
+               "--streaming", "--no-progress"])
+    assert rc == 2 and "streaming" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_streaming_command(tmp_path, capsys):

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Sequence
 
-from .config import LAYOUTS, METHODS, SOLVERS, ZERO_TARGETS, UpscaleConfig
+from .config import ALIGN_ON, LAYOUTS, METHODS, SOLVERS, ZERO_TARGETS, UpscaleConfig
 from .errors import DeepenError
 
 
@@ -29,6 +29,10 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                    help="opt: OpT-DeUS (OT-aligned average of the two neighbours; default); avg: plain average;"
                         " copy: LLaMA Pro copy of the layer below; solar: SOLAR DUS")
     g.add_argument("--solver", choices=SOLVERS, default=S, help="OT solver for --method opt (default: exact)")
+    g.add_argument("--align-on", choices=ALIGN_ON, default=S,
+                   help="what OT compares: weights (default) or activations on --calibration text")
+    g.add_argument("--calibration-tokens", type=int, default=S,
+                   help=f"at most this many calibration tokens for --align-on activations (default {d.calibration_tokens})")
     g.add_argument("--sinkhorn-reg", type=float, default=S,
                    help=f"entropic regularisation relative to the mean cost (default: {d.sinkhorn_reg})")
     g.add_argument("--sinkhorn-max-iter", type=int, default=S, help=f"default: {d.sinkhorn_max_iter}")
@@ -53,6 +57,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 RUN_DEFAULTS: dict = {
     "model": None, "out": None, "overwrite": False, "gguf_file": None, "dtype": None, "revision": None,
     "trust_remote_code": False, "streaming": False, "max_shard_size": "2GB", "report": None, "progress": True,
+    "calibration": None,
 }
 CONFIG_KEYS = [f for f in UpscaleConfig.__dataclass_fields__ if f != "version"]
 
@@ -118,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MODEL is a local safetensors checkpoint directory: read and write tensors layer by layer,"
                         " never instantiating the model (peak memory: a few layers plus one output shard)")
     u.add_argument("--max-shard-size", default=None, help="output shard size for --streaming (default 2GB)")
+    u.add_argument("--calibration", default=None,
+                   help="plain text file for --align-on activations; 'pydoc' uses CPython's pydoc_data topics")
     u.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_config_options(u)
 
@@ -189,8 +196,9 @@ def _upscale(args: argparse.Namespace) -> int:
     else:
         kwargs = {k: v for k, v in (("gguf_file", run["gguf_file"]), ("revision", run["revision"]),
                                     ("dtype", _dtype(run["dtype"]))) if v is not None}
+        calibration = _read_text(run["calibration"]) if run["calibration"] else None
         up = DepthUpscaler.from_pretrained(run["model"], trust_remote_code=bool(run["trust_remote_code"]), **kwargs)
-        up.upscale(cfg, progress=run["progress"])
+        up.upscale(cfg, progress=run["progress"], calibration=calibration)
         up.save_pretrained(run["out"], overwrite=run["overwrite"], extra_files=extra)
         report = up.report
     assert report is not None
@@ -202,23 +210,27 @@ def _upscale(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(a: argparse.Namespace) -> int:
+def _read_text(path: str) -> str:
+    """A text file's contents; ``"pydoc"`` is CPython's pydoc_data topics (real English, offline)."""
     from pathlib import Path
 
+    if path == "pydoc":
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[k] for k in sorted(topics))
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise DeepenError(f"cannot read {path!r}: {e.strerror}") from None
+
+
+def _eval(a: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .evaluate import heldout_loss
     from .io import prepare_model
 
-    if a.text == "pydoc":
-        from pydoc_data.topics import topics
-
-        text = "\n\n".join(topics[k] for k in sorted(topics))
-    else:
-        try:
-            text = Path(a.text).read_text()
-        except OSError as e:
-            raise DeepenError(f"cannot read {a.text!r}: {e.strerror}") from None
+    text = _read_text(a.text)
     kw = {"gguf_file": a.gguf_file} if a.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=_dtype(a.dtype), **kw)
     prepare_model(model)

@@ -20,6 +20,7 @@ METHODS = ("opt", "avg", "copy", "solar")
 SOLVERS = ("exact", "sinkhorn")
 LAYOUTS = ("top", "middle", "bottom", "uniform", "positions", "solar")
 ZERO_TARGETS = ("auto", "outputs", "post_norm")
+ALIGN_ON = ("weights", "activations")
 
 
 @dataclass
@@ -37,6 +38,13 @@ class UpscaleConfig:
     solver:
         OT solver for ``method="opt"``: ``"exact"`` (an assignment problem, solved exactly) or
         ``"sinkhorn"`` (entropic OT in the log domain, applied as a barycentric map).
+    align_on:
+        What OT compares for ``method="opt"``: ``"weights"`` (the units' parameters, the paper's
+        choice; default) or ``"activations"`` (what the units compute on calibration text passed to
+        ``upscale(calibration=...)``: neuron activations by correlation, each head's contribution
+        to the residual stream by cosine; see ``align/activations.py``). In-memory path only.
+    calibration_tokens:
+        For ``align_on="activations"``: at most this many calibration tokens are used.
     sinkhorn_reg:
         Entropic regularisation, relative to the mean of the cost matrix (the cost is divided by its
         mean before solving, so the value means the same on any model and dtype).
@@ -77,6 +85,8 @@ class UpscaleConfig:
 
     method: str = "opt"
     solver: str = "exact"
+    align_on: str = "weights"
+    calibration_tokens: int = 2048
     sinkhorn_reg: float = 0.01
     sinkhorn_max_iter: int = 3000
     layout: str | None = None
@@ -94,6 +104,13 @@ class UpscaleConfig:
             raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.solver not in SOLVERS:
             raise ConfigError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if self.align_on not in ALIGN_ON:
+            raise ConfigError(f"unknown align_on {self.align_on!r}: choose one of {', '.join(ALIGN_ON)}")
+        if self.align_on == "activations" and self.method != "opt":
+            raise ConfigError(f"align_on='activations' only applies to method='opt', not {self.method!r}: drop one")
+        self.calibration_tokens = _as_int(self.calibration_tokens, "calibration_tokens")
+        if self.calibration_tokens <= 0:
+            raise ConfigError(f"calibration_tokens must be a positive integer, got {self.calibration_tokens}")
         if self.positions is not None:
             self.positions = [_as_int(p, "positions") for p in self.positions]
             if self.layout not in (None, "positions"):

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from .arch.registry import _SPECS, ADD_A_FAMILY
 from .config import UpscaleConfig
-from .errors import UnsupportedArchitectureError, UnsupportedModelError
+from .errors import ConfigError, UnsupportedArchitectureError, UnsupportedModelError
 from .fuse import build_layer_state
 from .io import atomic_save, model_card, write_json
 from .layouts import build_plan
@@ -150,6 +150,11 @@ def upscale_checkpoint(
     shape = spec.head_shape(hf_config)
     if cfg.zero_init:
         spec.zero_target(cfg.zero_target)  # refuse a target this family lacks before any work
+    if cfg.align_on != "weights":
+        raise ConfigError(
+            "align_on='activations' needs forward passes through the model, which the streaming path never"
+            " builds: drop streaming (upscale in memory) or use align_on='weights'"
+        )
     ckpt = _Checkpoint(src)
     prefix = spec.layers_path + "."
     layer_re = re.compile(re.escape(prefix) + r"(\d+)\.(.+)")

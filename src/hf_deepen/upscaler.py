@@ -115,13 +115,22 @@ class DepthUpscaler:
 
     # ---- the job ----------------------------------------------------------------------------
     def upscale(
-        self, config: UpscaleConfig | dict | None = None, *, progress: bool | None = None, **kwargs: Any
+        self,
+        config: UpscaleConfig | dict | None = None,
+        *,
+        progress: bool | None = None,
+        calibration: Any = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
     ) -> PreTrainedModel:
         """Insert new layers and return the (same) model, deeper.
 
         Options are those of :class:`~hf_deepen.UpscaleConfig`, as a config object, a dict or
         keywords (keywords override the config): ``method``, ``solver``, ``layout``, ``num_layers``,
         ``positions``, ``every_k``, ``zero_init``, ``fusion_weight``, ``restore_norm``, ...
+
+        ``calibration`` (for ``align_on="activations"``): text (a string or a list of strings,
+        tokenised with ``tokenizer`` or the loaded model's tokenizer) or a 2-D tensor of token ids.
         """
         from tqdm.auto import tqdm
 
@@ -137,15 +146,29 @@ class DepthUpscaler:
         if getattr(self, "load_seconds", None) is not None:
             report.timings["load"] = self.load_seconds
 
+        new = [(i, s) for i, s in enumerate(plan.layers) if s.kind == "new"]
+        acts = None
+        if cfg.align_on == "activations":
+            tc = time.perf_counter()
+            acts = self._calibrate(cfg, layers, {j for _, s in new for j in s.sources}, calibration, tokenizer)
+            report.timings["calibration"] = time.perf_counter() - tc
+        elif calibration is not None:
+            raise ConfigError("calibration= is only used with align_on='activations': drop it or set align_on")
+
         t0 = time.perf_counter()
         states: dict[int, dict[str, torch.Tensor]] = {}
-        new = [(i, s) for i, s in enumerate(plan.layers) if s.kind == "new"]
         align_s = 0.0
         for i, src in tqdm(new, desc=f"hf_deepen {cfg.method}", unit="layer", disable=not _show(progress)):
             sources = [layers[j].state_dict() for j in src.sources]
             where = f"{model.config.model_type} layers {list(src.sources)}"
             ta = time.perf_counter()
-            res = build_layer_state(spec, cfg, shape, sources, where)
+            context = {}
+            if acts is not None:
+                from .align.activations import activation_costs
+
+                o = [spec.to_canonical(st)[0]["o"] for st in sources]
+                context["costs"] = activation_costs(acts[src.sources[0]], acts[src.sources[1]], o[0], o[1], shape)
+            res = build_layer_state(spec, cfg, shape, sources, where, **context)
             align_s += time.perf_counter() - ta
             states[i] = res.canon
             report.layers.append({"index": i, "sources": list(src.sources), "method": cfg.method, "diagnostics": res.diagnostics})
@@ -161,6 +184,22 @@ class DepthUpscaler:
         report.params_after = sum(p.numel() for p in model.parameters())
         self.report = report
         return model
+
+    def _calibrate(self, cfg: UpscaleConfig, layers: torch.nn.ModuleList, indices: set[int], calibration: Any,
+                   tokenizer: Any) -> dict[int, dict[str, torch.Tensor]]:
+        """Token ids from ``calibration`` and the activations of the source layers on them."""
+        from .align.activations import calibration_ids, capture_activations
+
+        if calibration is None:
+            raise ConfigError(
+                "align_on='activations' needs calibration text: upscale(calibration=[...texts...]) (or token ids);"
+                " on the command line --calibration FILE"
+            )
+        if tokenizer is None and not isinstance(calibration, torch.Tensor):
+            tokenizer = self.tokenizer
+        seq_len = min(256, getattr(self.model.config, "max_position_embeddings", None) or 256)
+        ids = calibration_ids(tokenizer, calibration, cfg.calibration_tokens, seq_len)
+        return capture_activations(self.model, self.spec, layers, sorted(indices), ids)
 
     @staticmethod
     def _check(d: dict[str, float], index: int, report: UpscaleReport) -> None:

@@ -132,16 +132,27 @@ def align_layers(
     solver: str = "exact",
     reg: float = 0.01,
     max_iter: int = 3000,
+    costs: Mapping[str, Tensor] | None = None,
 ) -> LayerAlignment:
-    """Align canonical layer ``a`` (lower) to ``b`` (upper): heads by groups, then neurons."""
+    """Align canonical layer ``a`` (lower) to ``b`` (upper): heads by groups, then neurons.
+
+    ``costs`` may supply any of the cost matrices instead of the weight-based ones: ``"query"``
+    ``[kv, G, kv, G]``, ``"kv"`` ``[kv, kv]``, ``"neurons"`` ``[I, I]`` (see ``activations.py``).
+    """
     hkv, g = shape.num_kv_heads, shape.group_size
-    qa, qb = _query_head_features(a, shape), _query_head_features(b, shape)
-    ka, kb = _kv_head_features(a, shape), _kv_head_features(b, shape)
+    costs = costs or {}
 
     # query-head problems for every pair of KV groups; their optimal cost joins the group cost
-    q_cost = sq_dists(qa.reshape(hkv * g, -1), qb.reshape(hkv * g, -1)).reshape(hkv, g, hkv, g)
+    if "query" in costs:
+        q_cost = costs["query"].to(torch.float64)
+    else:
+        qa, qb = _query_head_features(a, shape), _query_head_features(b, shape)
+        q_cost = sq_dists(qa.reshape(hkv * g, -1), qb.reshape(hkv * g, -1)).reshape(hkv, g, hkv, g)
     query: dict[tuple[int, int], Plan] = {}
-    group_cost = sq_dists(ka, kb)
+    if "kv" in costs:
+        group_cost = costs["kv"].to(torch.float64).clone()
+    else:
+        group_cost = sq_dists(_kv_head_features(a, shape), _kv_head_features(b, shape))
     for i in range(hkv):
         for j in range(hkv):
             p = solve(q_cost[i, :, j, :], solver, reg, max_iter)
@@ -151,5 +162,6 @@ def align_layers(
     W = heads.barycentric
     query = {k: v for k, v in query.items() if W[k] > 1e-12}
 
-    neurons = solve(sq_dists(neuron_features(a), neuron_features(b)), solver, reg, max_iter)
+    n_cost = costs["neurons"] if "neurons" in costs else sq_dists(neuron_features(a), neuron_features(b))
+    neurons = solve(n_cost, solver, reg, max_iter)
     return LayerAlignment(shape=shape, heads=heads, query=query, neurons=neurons)

@@ -33,7 +33,9 @@ class FusionResult:
     diagnostics: dict[str, float] = field(default_factory=dict)
 
 
-FusionFn = Callable[[list[Canon], HeadShape, UpscaleConfig], FusionResult]
+#: ``fn(sources, shape, cfg, **context)``; ``context`` carries run-time inputs that are not options,
+#: e.g. ``costs`` (activation-based cost matrices for ``opt``). Fusions ignore what they do not use.
+FusionFn = Callable[..., FusionResult]
 _FUSIONS: dict[str, FusionFn] = {}
 
 
@@ -76,10 +78,13 @@ def restore_norms(fused: dict[str, Tensor], a: Canon, b: Canon) -> None:
 
 
 @register_fusion("opt")
-def fuse_opt(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> FusionResult:
-    """OpT-DeUS: align the lower layer's heads and neurons to the upper layer, then average."""
+def fuse_opt(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, costs: Mapping[str, Tensor] | None = None,
+             **_: object) -> FusionResult:
+    """OpT-DeUS: align the lower layer's heads and neurons to the upper layer, then average.
+
+    ``costs``: cost matrices that replace the weight-based ones (``align_on="activations"``)."""
     a, b = (_f64(s) for s in sources)
-    al = align_layers(a, b, shape, cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter)
+    al = align_layers(a, b, shape, cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter, costs=costs)
     a_al = al.apply(a)
     fused = _mix(a_al, b, cfg.fusion_weight)
     diag = al.diagnostics()
@@ -91,7 +96,7 @@ def fuse_opt(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> Fusi
 
 
 @register_fusion("avg")
-def fuse_avg(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> FusionResult:
+def fuse_avg(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, **_: object) -> FusionResult:
     """Avg-DeUS: the plain (weighted) mean of the two neighbours, units left in place."""
     a, b = (_f64(s) for s in sources)
     fused = _mix(a, b, cfg.fusion_weight)
@@ -102,13 +107,13 @@ def fuse_avg(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> Fusi
 
 
 @register_fusion("copy")
-def fuse_copy(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> FusionResult:
+def fuse_copy(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, **_: object) -> FusionResult:
     """LLaMA Pro block expansion: a copy of the layer below."""
     return FusionResult(_f64(sources[0]), {})
 
 
 @register_fusion("solar")
-def fuse_solar(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig) -> FusionResult:
+def fuse_solar(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, **_: object) -> FusionResult:
     """SOLAR: the repeated layer is an unchanged copy."""
     return FusionResult(_f64(sources[0]), {})
 
@@ -119,13 +124,14 @@ def make_layer(
     shape: HeadShape,
     cfg: UpscaleConfig,
     zero: Mapping[str, float] | None = None,
+    **context: object,
 ) -> FusionResult:
     """Run fusion ``method`` on canonical ``sources`` and apply zero-init if configured.
 
     ``zero`` maps canonical keys to the value zero-init writes (``ArchSpec.zero_values``); the
     default zeroes the output projections (``OUTPUT_ROLES``).
     """
-    res = _FUSIONS[method](sources, shape, cfg)
+    res = _FUSIONS[method](sources, shape, cfg, **context)
     if cfg.zero_init:
         for key, value in (zero if zero is not None else {r: 0.0 for r in OUTPUT_ROLES}).items():
             if key in res.canon:
@@ -134,7 +140,12 @@ def make_layer(
 
 
 def build_layer_state(
-    spec: "ArchSpec", cfg: UpscaleConfig, shape: HeadShape, sources: list[Mapping[str, Tensor]], where: str
+    spec: "ArchSpec",
+    cfg: UpscaleConfig,
+    shape: HeadShape,
+    sources: list[Mapping[str, Tensor]],
+    where: str,
+    **context: object,
 ) -> FusionResult:
     """One new layer's state dict from its source layers' state dicts (shared by the in-memory and
     the streaming paths, so both give the same tensors). ``where`` names the model in errors.
@@ -156,7 +167,7 @@ def build_layer_state(
                 )
             spec.check_shapes(canon, shape, where)
         canons.append(canon)
-    res = make_layer(cfg.method, canons, shape, cfg, spec.zero_values(cfg.zero_target))
+    res = make_layer(cfg.method, canons, shape, cfg, spec.zero_values(cfg.zero_target), **context)
     ref = sources[0]
     out = spec.from_canonical(res.canon)
     res.canon = {k: v.to(dtype=ref[k].dtype, device=ref[k].device) for k, v in out.items()}
