@@ -52,6 +52,9 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 README = HERE / "README.md"
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+LEVERS_BEGIN, LEVERS_END = "<!-- levers:begin -->", "<!-- levers:end -->"
+#: the lever study's references: reruns of these (or, with --resume, their runs from the main study)
+LEVER_REFS = ("opt-exact", "copy-top")
 DOMAINS = ("docs", "license")
 
 
@@ -93,6 +96,7 @@ class Variant:
     note: str
     post: str | None = None  # name of a post-processing step (see POST)
     same_as: str | None = None  # reuse another variant's runs (identical configuration)
+    lr: float | None = None  # overrides the budget's learning rate
 
 
 VARIANTS = [
@@ -122,6 +126,20 @@ VARIANTS = [
             "OpT-DeUS exact, bottom layout"),
     Variant("layout-uniform", "layouts", dict(method="opt", solver="exact", layout="uniform"), "new",
             "OpT-DeUS exact, uniform layout (spread evenly)"),
+    # study 3: the levers issue 5 names (top-half positions, base frozen); compare with opt-exact / copy-top
+    Variant("lever-restore", "levers", dict(method="opt", solver="exact", restore_norm=True), "new",
+            "OpT-DeUS exact + restore_norm (fused rows/columns rescaled to their parents' mean norm)"),
+    Variant("lever-act", "levers", dict(method="opt", solver="exact", align_on="activations"), "new",
+            "OpT-DeUS exact, aligned on activations over 2,048 training tokens (calibration from the train split)"),
+    Variant("lever-act-restore", "levers", dict(method="opt", solver="exact", align_on="activations",
+                                                restore_norm=True), "new",
+            "OpT-DeUS exact, activation alignment + restore_norm"),
+    Variant("lever-w25", "levers", dict(method="opt", solver="exact", fusion_weight=0.25), "new",
+            "OpT-DeUS exact, fusion_weight 0.25 (0.75 aligned lower + 0.25 upper: between the average and copy-top)"),
+    Variant("lever-opt-lr1e-3", "levers", dict(method="opt", solver="exact"), "new",
+            "opt-exact at lr 1e-3 (3.3x the budget's)", lr=1e-3),
+    Variant("lever-copy-lr1e-3", "levers", dict(method="copy"), "new",
+            "copy-top at lr 1e-3 (3.3x the budget's)", lr=1e-3),
 ]
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -242,7 +260,11 @@ def load_base(tiny: bool) -> tuple[Any, Any, str]:
     return up.model, up.tokenizer, f"SmolLM2-135M-Instruct ({g}, dequantized to fp32)"
 
 
-def build_variant(base: Any, v: Variant) -> tuple[Any, dict[str, Any]]:
+#: calibration for align_on="activations": this many tokens from the start of the training blocks
+CALIBRATION_TOKENS = 2048
+
+
+def build_variant(base: Any, v: Variant, data: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     from hf_deepen import DepthUpscaler, new_layer_indices
 
     model = copy.deepcopy(base)
@@ -250,7 +272,11 @@ def build_variant(base: Any, v: Variant) -> tuple[Any, dict[str, Any]]:
     if v.upscale is not None:
         t0 = time.perf_counter()
         up = DepthUpscaler(model)
-        model = up.upscale(progress=False, **v.upscale)
+        kw = dict(v.upscale)
+        if kw.get("align_on") == "activations":
+            train = data["train"]
+            kw["calibration"] = train[: max(1, CALIBRATION_TOKENS // train.shape[1])]
+        model = up.upscale(progress=False, **kw)
         if v.post:
             POST[v.post](model, base, up.report)
         info["upscale_seconds"] = round(time.perf_counter() - t0, 2)
@@ -315,7 +341,7 @@ def train_run(model: Any, v: Variant, seed: int, initial: dict[str, float], data
     need = budget.steps * budget.batch
     order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(need // len(train) + 1)])[:need]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.95), weight_decay=budget.weight_decay)
+    opt = torch.optim.AdamW(params, lr=v.lr or budget.lr, betas=(0.9, 0.95), weight_decay=budget.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(budget))
     curve: list[dict[str, float]] = [{"step": 0, **initial}]
     train_losses: list[float] = []
@@ -363,7 +389,7 @@ class Protos:
     def info(self, v: Variant) -> dict[str, Any]:
         pt, js = self._paths(v)
         if not (pt.exists() and js.exists()):
-            model, info = build_variant(self.base, v)
+            model, info = build_variant(self.base, v, self.data)
             info["initial"] = eval_all(model, self.data, self.budget)
             torch.save(model, pt)
             js.write_text(json.dumps(info))
@@ -486,7 +512,8 @@ def write_csvs(out: Path, runs: list[dict[str, Any]], summary: dict[str, Any]) -
             w.writerow([n] + [s[c] if isinstance(s[c], int) else f"{s[c]:.6f}" for c in cols])
 
 
-def plots(out: Path, runs: list[dict[str, Any]], summary: dict[str, Any], main: list[str], lay: list[str]) -> list[str]:
+def plots(out: Path, runs: list[dict[str, Any]], summary: dict[str, Any], main: list[str], lay: list[str],
+          levers: list[str] = ()) -> list[str]:
     try:
         import matplotlib
 
@@ -496,7 +523,7 @@ def plots(out: Path, runs: list[dict[str, Any]], summary: dict[str, Any], main: 
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
         return []
     files = []
-    for study, names in (("main", main), ("layouts", lay)):
+    for study, names in (("main", main), ("layouts", lay), ("levers", list(levers))):
         names = [n for n in names if n in summary]
         if not names:
             continue
@@ -582,11 +609,29 @@ def readme_block(res: dict[str, Any]) -> str:
     return "\n".join(L)
 
 
-def update_readme(block: str, path: Path = README) -> None:
+def levers_block(res: dict[str, Any]) -> str:
+    b, d, s = res["budget"], res["data"], res["summary"]
+    names = [n for n in LEVER_REFS if n in s] + [n for n in res["variants"] if BY_NAME[n].study == "levers"]
+    runs, info = res["runs"], res["variant_info"]
+    L = [LEVERS_BEGIN, "",
+         f"_Generated by `python benchmarks/quality.py --out benchmarks/results/levers --variants ...` on"
+         f" {res['finished_utc']} ({res['machine']}); same budget, data and seeds {res['seeds']} as study 1"
+         f" (lr {b['lr']} unless the variant says otherwise)._", "",
+         table(s, names, info), "", "Verdict (generated):", ""]
+    for dom in DOMAINS:
+        L += verdict(runs, s, names, dom)
+    L += ["", *paired_table(runs, s, "opt-exact", names), "", "![curves](results/levers/curves_levers.png)", "",
+          "Variants:", ""]
+    L += [f"- `{n}`: {BY_NAME[n].note}; up-scaling took {info.get(n, {}).get('upscale_seconds')} s" for n in names]
+    L += ["", LEVERS_END]
+    return "\n".join(L)
+
+
+def update_readme(block: str, path: Path = README, begin: str = BEGIN, end: str = END) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        post = rest.split(END, 1)[1]
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        post = rest.split(end, 1)[1]
         text = pre + block + post
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
@@ -705,14 +750,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def report(res: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
     names, runs, vinfo = res["variants"], res["runs"], res["variant_info"]
     write_csvs(out, runs, res["summary"])
-    main_names = [n for n in names if BY_NAME[n].study == "main"]
+    lever_names = [n for n in names if BY_NAME[n].study == "levers"]
+    main_names = [n for n in names if BY_NAME[n].study == "main" and not (lever_names and n in LEVER_REFS)]
     lay_names = [n for n in names if BY_NAME[n].study == "layouts"]
-    res["plots"] = plots(out, runs, res["summary"], main_names, lay_names)
-    print(table(res["summary"], main_names, vinfo))
-    if lay_names:
-        print(table(res["summary"], lay_names, vinfo))
+    lever_plot = [n for n in LEVER_REFS if n in names and lever_names] + lever_names
+    res["plots"] = plots(out, runs, res["summary"], main_names, lay_names, lever_plot)
+    for group in (main_names, lay_names, lever_plot):
+        if group:
+            print(table(res["summary"], group, vinfo))
     if args.readme == "yes" or (args.readme == "auto" and res["budget_name"] == "full" and not res["tiny"]):
-        update_readme(readme_block(res))
+        if main_names or lay_names:
+            update_readme(readme_block(res))
+        if lever_names:
+            update_readme(levers_block(res), begin=LEVERS_BEGIN, end=LEVERS_END)
         print(f"results written into {README}")
     print(f"results in {out} ({res['wall_seconds'] / 60:.1f} min)")
     return res

@@ -50,7 +50,8 @@ def test_quality_smoke_tiny(quality, tmp_path):
         assert r["sec_per_step_median"] > 0 and r["trainable_params"] > 0
     init = {n: saved["summary"][n]["initial_docs"] for n in names}
     # zero-initialised variants are function preserving: they start exactly where the base model does
-    for n in ("opt-exact", "opt-sinkhorn", "avg-zero", "copy-top", "copy-every2", "ref-script", "layout-bottom"):
+    for n in ("opt-exact", "opt-sinkhorn", "avg-zero", "copy-top", "copy-every2", "ref-script", "layout-bottom",
+              "lever-restore", "lever-act", "lever-w25", "lever-copy-lr1e-3"):
         assert init[n] == pytest.approx(init["base"], abs=1e-5), n
     assert init["avg-nozero"] != pytest.approx(init["base"], abs=1e-5)
     # only the new layers train, except solar and base
