@@ -313,9 +313,13 @@ def test_opt_post_ln_warns_and_is_not_preserving():
     model = make_model("opt", do_layer_norm_before=False)
     ids = inputs()
     ref = logits(model, ids)
+    up = DepthUpscaler(model)
     with pytest.warns(ArchitectureWarning, match="post-LN"):
-        DepthUpscaler(model).upscale(method="copy", progress=False)
+        up.upscale(method="copy", progress=False)
     assert max_diff(logits(model, ids), ref) > 1e-3
+    # and the record says so (the config asked for zero-init, the architecture cannot honour it)
+    assert model.config.hf_deepen["stages"][-1]["function_preserving"] is False
+    assert up.report.function_preserving is False and "function-preserving  False" in up.report.summary()
 
 
 def test_gpt2_inverse_layer_idx_scaling_is_refused():

@@ -19,6 +19,8 @@ class UpscaleReport:
     timings: dict[str, float] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: the config asks for it and the architecture allows it (post-LN OPT never is); None: unknown
+    function_preserving: bool | None = None
 
     def mean(self, key: str) -> float | None:
         vals = [l["diagnostics"][key] for l in self.layers if key in l.get("diagnostics", {})]
@@ -34,6 +36,7 @@ class UpscaleReport:
             "timings": self.timings,
             "layers": self.layers,
             "warnings": self.warnings,
+            "function_preserving": self.function_preserving,
         }
 
     def summary(self) -> str:
@@ -44,7 +47,7 @@ class UpscaleReport:
             f"layers         {self.plan.base_num_layers} -> {self.plan.num_layers} (layout={self.plan.layout})",
             f"new layers     {self.plan.new_layer_indices}",
             f"parameters     {self.params_before:,} -> {self.params_after:,}",
-            f"function-preserving  {c.function_preserving}",
+            f"function-preserving  {c.function_preserving if self.function_preserving is None else self.function_preserving}",
             "time (s)       " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()),
         ]
         if any(l.get("diagnostics") for l in self.layers):

@@ -129,6 +129,10 @@ class ArchSpec:
         return self
 
     # ---- function preservation ------------------------------------------------------------
+    def can_preserve(self, config: Any) -> bool:
+        """Whether zero-init can make a new layer the identity for this config (False for post-LN)."""
+        return True
+
     def zero_target(self, requested: str) -> str:
         """Resolve ``UpscaleConfig.zero_target`` for this family (``"auto"`` -> post-norms if any)."""
         from ..errors import ConfigError

@@ -62,6 +62,9 @@ class OptSpec(ArchSpec):
     not reproduce the base model's outputs.
     """
 
+    def can_preserve(self, config: Any) -> bool:
+        return bool(getattr(config, "do_layer_norm_before", True))
+
     def head_shape(self, config: Any) -> HeadShape:
         if not getattr(config, "do_layer_norm_before", True):
             warnings.warn(
