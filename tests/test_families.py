@@ -12,8 +12,9 @@ copy, SOLAR) the model is upscaled in place and checked for:
 * the saved config: ``num_hidden_layers`` and every per-layer list, at the insertion points.
 
 A shuffled-layer test per family checks the spec's canonical view: permuting KV groups, query heads
-within groups and MLP neurons through ``to_canonical`` / ``from_canonical`` is a symmetry of the
-model (same logits), and exact OT alignment recovers the permutation bit for bit.
+within groups and MLP neurons (and, for MoE layers, experts with their router rows and the neurons
+inside each expert) through ``to_canonical`` / ``from_canonical`` is a symmetry of the model (same
+logits), and exact OT alignment recovers the permutation bit for bit.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_deepen import DepthUpscaler, UnsupportedArchitectureError
-from hf_deepen.align import align_layers
+from hf_deepen.align import align_layer_pair
 from hf_deepen.arch import ArchitectureWarning, get_module, get_spec
 from hf_deepen.surgery import per_layer_fields
 
@@ -117,6 +118,26 @@ FAMILIES = {
     ),
 }
 
+# MoE: 4 experts, top-2. The Qwen configs have a dense layer (mlp_only_layers), so that the
+# dense/sparse layer list is rewritten; Qwen2-MoE's dense layer sits above the insertion points
+# (FAMILY_OPTS), so its index moves, and it has a shared expert and a sliding window.
+_MOE = dict(num_experts_per_tok=2)
+_QWEN_MOE = dict(_MOE, num_experts=4, moe_intermediate_size=24)
+FAMILIES.update(
+    {
+        "mixtral": ("mixtral", _common(**_MOE, num_local_experts=4, sliding_window=4)),
+        "qwen2_moe": (
+            "qwen2_moe",
+            _common(**_QWEN_MOE, shared_expert_intermediate_size=40, mlp_only_layers=[3],
+                    use_sliding_window=True, sliding_window=4, max_window_layers=2),
+        ),
+        "qwen3_moe": ("qwen3_moe", _common(**_QWEN_MOE, mlp_only_layers=[0])),
+    }
+)
+# per-family upscale options for the methods that take a layout (SOLAR fixes its own): the default
+# top-half layout would fuse Qwen2-MoE's dense layer 3 with sparse layer 2, which is refused
+FAMILY_OPTS = {"qwen2_moe": dict(positions=[0, 1])}
+
 METHODS = {
     "opt-exact": dict(method="opt", solver="exact"),
     "opt-sinkhorn": dict(method="opt", solver="sinkhorn"),
@@ -186,6 +207,12 @@ def layer_attrs(model, spec) -> list[dict]:
     return out
 
 
+def mlp_kinds(model, spec) -> list[str]:
+    """Per layer, ``"sparse"`` if its MLP is a mixture of experts, else ``"dense"``."""
+    return ["sparse" if hasattr(getattr(layer, "mlp", None), "experts") else "dense"
+            for layer in get_module(model, spec.layers_path)]
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
@@ -193,13 +220,16 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_upscale_matrix(family, method, tmp_path):
-    opts = METHODS[method]
+    opts = dict(METHODS[method])
+    if method != "solar":
+        opts.update(FAMILY_OPTS.get(family, {}))
     model = make_model(family)
     ids = inputs()
     ref = logits(model, ids)
     ref_gen = gen_logits(model, ids, use_cache=True)
     fields = per_layer_fields(model.config, get_spec(model), NUM_LAYERS)
     base_lists = {n: list(getattr(model.config, n)) for n in fields}
+    base_kinds = mlp_kinds(model, get_spec(model))
 
     up = DepthUpscaler(model)
     plan = up.plan(**opts)
@@ -228,6 +258,11 @@ def test_upscale_matrix(family, method, tmp_path):
     expected_lists = {n: [v[s.sources[0]] for s in plan.layers] for n, v in base_lists.items()}
     for n, v in expected_lists.items():
         assert list(getattr(model.config, n)) == v, n
+    # MoE: every layer keeps the MLP type of the base layer it comes from (a new one its lower
+    # neighbour's), and the rewritten config (mlp_only_layers, ...) builds exactly that list
+    expected_kinds = [base_kinds[s.sources[0]] for s in plan.layers]
+    assert mlp_kinds(model, spec) == expected_kinds
+    assert mlp_kinds(AutoModelForCausalLM.from_config(model.config), spec) == expected_kinds
 
     # save / reload: nothing missing or re-initialised, identical tensors and logits
     model.save_pretrained(tmp_path)
@@ -240,6 +275,7 @@ def test_upscale_matrix(family, method, tmp_path):
         assert torch.equal(v, loaded_sd[k]), f"{k} differs after reload"
     assert max_diff(logits(loaded, ids), new) <= 1e-6
     assert layer_attrs(loaded, spec) == layer_attrs(model, spec)
+    assert mlp_kinds(loaded, spec) == expected_kinds
 
     cfg = AutoConfig.from_pretrained(tmp_path)
     assert cfg.num_hidden_layers == plan.num_layers
@@ -249,13 +285,12 @@ def test_upscale_matrix(family, method, tmp_path):
 
 
 # ---- the canonical view: permutation symmetry and exact recovery --------------------------------
-def _permute(canon, shape, g: torch.Generator):
-    """Permute KV groups, query heads within each group and MLP neurons, consistently."""
+def _permute(canon, shape, g: torch.Generator, router: bool = True):
+    """Permute KV groups, query heads within each group, MLP neurons and MoE experts (with the
+    neurons inside each expert and, unless ``router=False``, the router rows), consistently."""
     hkv, gs, hd = shape.num_kv_heads, shape.group_size, shape.head_dim
     pg = torch.randperm(hkv, generator=g)
     heads = torch.cat([pg[j] * gs + torch.randperm(gs, generator=g) for j in range(hkv)])
-    n = canon["up"].shape[0]
-    pn = torch.randperm(n, generator=g)
 
     def rows(t, order, unit):
         return t.reshape(len(order), unit, *t.shape[1:])[order].reshape(t.shape)
@@ -268,10 +303,22 @@ def _permute(canon, shape, g: torch.Generator):
         if r in out:
             out[r] = rows(out[r], pg, hd)
     out["o"] = rows(out["o"].T, heads, hd).T
-    for r in ("gate", "up", "gate_bias", "up_bias"):
-        if r in out:
-            out[r] = out[r][pn]
-    out["down"] = out["down"][:, pn]
+    if "up" in out:  # a dense MLP (or a MoE layer's shared expert)
+        pn = torch.randperm(out["up"].shape[0], generator=g)
+        for r in ("gate", "up", "gate_bias", "up_bias"):
+            if r in out:
+                out[r] = out[r][pn]
+        out["down"] = out["down"][:, pn]
+    if "experts_up" in out:  # experts as units, with their own neurons inside
+        e, i = out["experts_up"].shape[:2]
+        pe = torch.randperm(e, generator=g)
+        assert not torch.equal(pe, torch.arange(e))  # else the router test below proves nothing
+        pns = [torch.randperm(i, generator=g) for _ in range(e)]
+        for r in ("experts_gate", "experts_up"):
+            out[r] = torch.stack([out[r][pe[j]][pns[j]] for j in range(e)])
+        out["experts_down"] = torch.stack([out["experts_down"][pe[j]][:, pns[j]] for j in range(e)])
+        if router:
+            out["router"] = out["router"][pe]
     return out
 
 
@@ -300,12 +347,32 @@ def test_shuffled_layer_is_recovered(family):
 
     # exact OT alignment of the original layer to the shuffled one recovers the shuffle exactly
     canon_b, _ = spec.to_canonical(shuffled)
-    aligned = align_layers(canon_a, canon_b, shape, "exact").apply(canon_a)
+    aligned = align_layer_pair(canon_a, canon_b, shape, "exact").apply(canon_a)
     for k, v in canon_b.items():
         assert torch.allclose(aligned[k], v.to(torch.float64), rtol=0, atol=1e-6), f"{family}: {k} not recovered"
     re = spec.from_canonical({k: v.to(torch.float32) for k, v in aligned.items()})
     for k, v in shuffled.items():
         assert torch.allclose(re[k], v, rtol=0, atol=1e-6), k
+
+
+_MOE_FAMILIES = [f for f in FAMILIES if FAMILIES[f][0] in ("mixtral", "qwen2_moe", "qwen3_moe")]
+
+
+@pytest.mark.parametrize("family", _MOE_FAMILIES)
+def test_moe_router_rows_must_follow_experts(family):
+    """The shuffle above is a symmetry only because the router rows move with their experts: moving
+    the experts alone changes the model (so the symmetry check has the power to catch a spec or an
+    alignment that leaves the router behind)."""
+    model = make_model(family)
+    spec = get_spec(model)
+    shape = spec.head_shape(model.config)
+    layer = get_module(model, spec.layers_path)[1]
+    canon, _ = spec.to_canonical(layer.state_dict())
+    assert "experts_up" in canon and "router" in canon
+    ids = inputs()
+    ref = logits(model, ids)
+    layer.load_state_dict(spec.from_canonical(_permute(canon, shape, torch.Generator().manual_seed(SEED + 2), router=False)))
+    assert max_diff(logits(model, ids), ref) > 1e-3
 
 
 # ---- family-specific refusals and warnings ----------------------------------------------------

@@ -172,6 +172,7 @@ def upscale_checkpoint(
             f"{str(src)!r}: found tensors for {len(per_layer)} layers under {prefix!r}, config says {num_base}"
         )
     plan = build_plan(num_base, cfg)
+    spec.check_plan(plan, hf_config)
     report = UpscaleReport(plan=plan, config=cfg, architecture=spec.name,
                            function_preserving=cfg.function_preserving and spec.can_preserve(hf_config))
     report.timings["plan"] = time.perf_counter() - t0

@@ -52,8 +52,12 @@ def per_layer_fields(config: PretrainedConfig, spec: ArchSpec, num_layers: int) 
 
 def update_config(config: PretrainedConfig, spec: ArchSpec, plan: DepthPlan) -> None:
     """Set ``num_hidden_layers`` and rebuild per-layer lists; a new layer takes the entry of the
-    base layer it was made from first (its lower neighbour)."""
+    base layer it was made from first (its lower neighbour). Fields that describe layers by index
+    (MoE ``mlp_only_layers``) are rewritten by the spec's :meth:`~ArchSpec.update_layer_config`."""
+    owned = spec.update_layer_config(config, [s.sources[0] for s in plan.layers])
     for name in per_layer_fields(config, spec, plan.base_num_layers):
+        if name in owned:
+            continue
         old = list(getattr(config, name))
         if len(old) != plan.base_num_layers:
             continue

@@ -111,7 +111,9 @@ class DepthUpscaler:
 
     def plan(self, config: UpscaleConfig | dict | None = None, **kwargs: Any) -> DepthPlan:
         """The depth plan :meth:`upscale` would follow, without changing anything."""
-        return build_plan(len(self._layers()), self._config(config, kwargs))
+        plan = build_plan(len(self._layers()), self._config(config, kwargs))
+        self.spec.check_plan(plan, self.model.config)
+        return plan
 
     # ---- the job ----------------------------------------------------------------------------
     def upscale(
@@ -138,6 +140,7 @@ class DepthUpscaler:
         model, spec = self.model, self.spec
         layers = self._layers()
         plan = build_plan(len(layers), cfg)
+        spec.check_plan(plan, model.config)
         shape = spec.head_shape(model.config)
         if cfg.zero_init:
             spec.zero_target(cfg.zero_target)  # refuse a target this family lacks before any work
@@ -205,7 +208,7 @@ class DepthUpscaler:
     @staticmethod
     def _check(d: dict[str, float], index: int, report: UpscaleReport) -> None:
         msgs = []
-        for name in ("heads", "neurons", "query"):
+        for name in ("heads", "neurons", "query", "experts", "expert_neurons"):
             err = d.get(f"{name}_marginal_error")
             if err is not None and err > MARGINAL_TOL:
                 msgs.append(f"{name} plan marginals off by {err:.1e} (> {MARGINAL_TOL:g}): raise sinkhorn_max_iter or sinkhorn_reg")

@@ -13,6 +13,9 @@ Units and their features (all from the canonical layer, see ``arch/spec.py``):
 
 The residual stream is shared by all layers and is never permuted.
 
+A layer without a dense MLP (a sparse MoE layer with no shared expert) has no neuron plan; its
+experts are aligned in ``align/experts.py``.
+
 Aligning lower layer A to upper layer B yields, per unit space, a plan ``P``; the aligned A is the
 barycentric map ``A'_j = sum_i n P_ij A_i`` (exactly a permutation for the exact solver).
 """
@@ -72,7 +75,7 @@ class LayerAlignment:
     shape: HeadShape
     heads: Plan
     query: dict[tuple[int, int], Plan]
-    neurons: Plan
+    neurons: Plan | None  # None: the layer has no dense MLP (MoE, see align/experts.py)
     extra: dict = field(default_factory=dict)
 
     # barycentric application ----------------------------------------------------------------
@@ -105,16 +108,19 @@ class LayerAlignment:
             out["q_bias"] = aligned["q_bias"].reshape(canon["q_bias"].shape)
 
         # MLP neurons.
-        N = self.neurons.barycentric
-        for r in ("gate", "up", "gate_bias", "up_bias"):
-            if r in out:
-                out[r] = N.T @ out[r]
-        out["down"] = out["down"] @ N
+        if self.neurons is not None:
+            N = self.neurons.barycentric
+            for r in ("gate", "up", "gate_bias", "up_bias"):
+                if r in out:
+                    out[r] = N.T @ out[r]
+            out["down"] = out["down"] @ N
         return out
 
     def diagnostics(self) -> dict[str, float]:
         d = {}
         for name, p in (("heads", self.heads), ("neurons", self.neurons)):
+            if p is None:
+                continue
             d[f"{name}_cost"] = p.cost
             d[f"{name}_identity_cost"] = p.identity_cost
             d[f"{name}_cost_ratio"] = p.cost / p.identity_cost if p.identity_cost > 0 else 1.0
@@ -162,6 +168,8 @@ def align_layers(
     W = heads.barycentric
     query = {k: v for k, v in query.items() if W[k] > 1e-12}
 
-    n_cost = costs["neurons"] if "neurons" in costs else sq_dists(neuron_features(a), neuron_features(b))
-    neurons = solve(n_cost, solver, reg, max_iter)
+    neurons = None
+    if "down" in a:
+        n_cost = costs["neurons"] if "neurons" in costs else sq_dists(neuron_features(a), neuron_features(b))
+        neurons = solve(n_cost, solver, reg, max_iter)
     return LayerAlignment(shape=shape, heads=heads, query=query, neurons=neurons)

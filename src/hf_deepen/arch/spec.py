@@ -17,6 +17,21 @@ role           shape                                       permuted by
                                                            stream and are never permuted
 =============  ==========================================  ====================================
 
+Mixture-of-experts layers (``arch/moe.py``) add an *expert* unit space, with the neurons of each
+expert nested inside it (``E`` experts of ``I`` neurons each):
+
+================  =================================  =============================================
+role              shape                              permuted by
+================  =================================  =============================================
+``router``        ``[E, hidden]``                    expert (rows)
+``experts_gate``  ``[E, I, hidden]``                 expert (dim 0), then its neurons (dim 1)
+``experts_up``    ``[E, I, hidden]``                 expert (dim 0), then its neurons (dim 1)
+``experts_down``  ``[E, hidden, I]``                 expert (dim 0), then its neurons (dim 2)
+================  =================================  =============================================
+
+A shared expert (Qwen2-MoE) is an ordinary MLP that every token goes through: it takes the dense
+``gate`` / ``up`` / ``down`` roles.
+
 ``q_bias`` / ``k_bias`` may hold any per-row vector of ``q`` / ``k`` that moves with its rows, not
 only a bias: OLMo-2's ``q_norm`` / ``k_norm`` gains (one entry per row of the whole projection)
 are mapped there (see ``arch/variants.py``).
@@ -57,9 +72,17 @@ QUERY_HEAD_COLS = ("o",)
 NEURON_ROWS = ("gate", "up", "gate_bias", "up_bias")
 #: roles whose columns are split by MLP neuron
 NEURON_COLS = ("down",)
-#: roles that write to the residual stream: zeroed for a function-preserving new layer
-OUTPUT_ROLES = ("o", "o_bias", "down", "down_bias")
-ROLES = QUERY_HEAD_ROWS + KV_HEAD_ROWS + QUERY_HEAD_COLS + NEURON_ROWS + NEURON_COLS + ("o_bias", "down_bias")
+#: MoE roles (``arch/moe.py``) whose rows are split by expert, and by neuron within an expert
+EXPERT_ROWS = ("router", "experts_gate", "experts_up")
+#: MoE roles whose last dimension is split by neuron within an expert (dim 0 by expert)
+EXPERT_COLS = ("experts_down",)
+EXPERT_ROLES = EXPERT_ROWS + EXPERT_COLS
+#: roles that write to the residual stream: zeroed for a function-preserving new layer (the
+#: router is not among them: with every expert's output zero, routing can stay as fused and train)
+OUTPUT_ROLES = ("o", "o_bias", "down", "down_bias", "experts_down")
+ROLES = (
+    QUERY_HEAD_ROWS + KV_HEAD_ROWS + QUERY_HEAD_COLS + NEURON_ROWS + NEURON_COLS + ("o_bias", "down_bias") + EXPERT_ROLES
+)
 
 
 class ArchitectureWarning(UserWarning):
@@ -127,6 +150,34 @@ class ArchSpec:
         layer's own shapes do not give away), or when the mapping depends on config flags.
         """
         return self
+
+    def for_state(self, state: Mapping[str, Tensor]) -> "ArchSpec":
+        """The spec for a layer stored as ``state`` (default: ``self``).
+
+        Override when a family's layers are stored one way in memory and another way in
+        checkpoints (MoE experts: one 3-D tensor per projection in the model, one tensor per
+        expert on disk, which transformers converts on load and save), so that the streaming path
+        writes a new layer in the layout its base layers have on disk.
+        """
+        return self
+
+    # ---- hooks on the depth plan and the config (default: nothing to do) ---------------------
+    def check_plan(self, plan: Any, config: Any) -> None:
+        """Raise if this model cannot follow ``plan`` (a :class:`~hf_deepen.plan.DepthPlan`).
+
+        Called once per upscale before any tensor is read. MoE families refuse to fuse a dense
+        layer with a sparse one (their MLP tensors differ).
+        """
+
+    def update_layer_config(self, config: Any, sources: list[int]) -> tuple[str, ...]:
+        """Rewrite config fields that describe layers by *index* (not one entry per layer).
+
+        ``sources[i]`` is the base layer whose type new-model layer ``i`` takes (its lower
+        neighbour for a new layer). Called by :func:`~hf_deepen.surgery.update_config` with the
+        base config, before ``num_hidden_layers`` changes; returns the names of the fields it
+        rewrote, which the generic per-layer-list update then leaves alone.
+        """
+        return ()
 
     # ---- function preservation ------------------------------------------------------------
     def can_preserve(self, config: Any) -> bool:

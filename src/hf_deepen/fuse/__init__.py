@@ -12,8 +12,18 @@ from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
-from ..align import align_layers
-from ..arch.spec import NEURON_COLS, NEURON_ROWS, OUTPUT_ROLES, QUERY_HEAD_COLS, QUERY_HEAD_ROWS, KV_HEAD_ROWS, HeadShape
+from ..align.experts import align_layer_pair
+from ..arch.spec import (
+    EXPERT_COLS,
+    EXPERT_ROWS,
+    KV_HEAD_ROWS,
+    NEURON_COLS,
+    NEURON_ROWS,
+    OUTPUT_ROLES,
+    QUERY_HEAD_COLS,
+    QUERY_HEAD_ROWS,
+    HeadShape,
+)
 from ..config import UpscaleConfig
 
 if TYPE_CHECKING:
@@ -22,8 +32,9 @@ if TYPE_CHECKING:
 Tensor = torch.Tensor
 Canon = Mapping[str, Tensor]
 
-_ROW_ROLES = tuple(r for r in QUERY_HEAD_ROWS + KV_HEAD_ROWS + NEURON_ROWS if not r.endswith("_bias"))
-_COL_ROLES = QUERY_HEAD_COLS + NEURON_COLS
+# (MoE expert tensors are 3-D: a row is the last dimension, a column the one before)
+_ROW_ROLES = tuple(r for r in QUERY_HEAD_ROWS + KV_HEAD_ROWS + NEURON_ROWS if not r.endswith("_bias")) + EXPERT_ROWS
+_COL_ROLES = QUERY_HEAD_COLS + NEURON_COLS + EXPERT_COLS
 _MATRICES = _ROW_ROLES + _COL_ROLES
 
 
@@ -71,7 +82,7 @@ def restore_norms(fused: dict[str, Tensor], a: Canon, b: Canon) -> None:
     for r in _ROW_ROLES + _COL_ROLES:
         if r not in fused:
             continue
-        dim = 1 if r in _ROW_ROLES else 0
+        dim = -1 if r in _ROW_ROLES else -2
         target = 0.5 * (a[r].norm(dim=dim, keepdim=True) + b[r].norm(dim=dim, keepdim=True))
         have = fused[r].norm(dim=dim, keepdim=True)
         fused[r] = fused[r] * torch.where(have > 0, target / have.clamp_min(1e-30), torch.ones_like(have))
@@ -80,11 +91,11 @@ def restore_norms(fused: dict[str, Tensor], a: Canon, b: Canon) -> None:
 @register_fusion("opt")
 def fuse_opt(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, costs: Mapping[str, Tensor] | None = None,
              **_: object) -> FusionResult:
-    """OpT-DeUS: align the lower layer's heads and neurons to the upper layer, then average.
+    """OpT-DeUS: align the lower layer's heads and neurons (and experts) to the upper layer, then average.
 
     ``costs``: cost matrices that replace the weight-based ones (``align_on="activations"``)."""
     a, b = (_f64(s) for s in sources)
-    al = align_layers(a, b, shape, cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter, costs=costs)
+    al = align_layer_pair(a, b, shape, cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter, costs=costs)
     a_al = al.apply(a)
     fused = _mix(a_al, b, cfg.fusion_weight)
     diag = al.diagnostics()
@@ -155,6 +166,7 @@ def build_layer_state(
     """
     from ..errors import UnsupportedArchitectureError
 
+    spec = spec.for_state(sources[0])  # the layout the sources are stored in (MoE: model or checkpoint)
     canons = []
     for j, state in enumerate(sources):
         canon, unknown = spec.to_canonical(state)
