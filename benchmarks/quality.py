@@ -54,7 +54,7 @@ README = HERE / "README.md"
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 LEVERS_BEGIN, LEVERS_END = "<!-- levers:begin -->", "<!-- levers:end -->"
 #: the lever study's references: reruns of these (or, with --resume, their runs from the main study)
-LEVER_REFS = ("opt-exact", "copy-top")
+LEVER_REFS = ("opt-exact", "copy-top", "layout-uniform", "copy-every2")
 DOMAINS = ("docs", "license")
 
 
@@ -131,6 +131,12 @@ VARIANTS = [
             "OpT-DeUS exact + restore_norm (fused rows/columns rescaled to their parents' mean norm)"),
     Variant("lever-act", "levers", dict(method="opt", solver="exact", align_on="activations"), "new",
             "OpT-DeUS exact, aligned on activations over 2,048 training tokens (calibration from the train split)"),
+    Variant("lever-restore-uniform", "levers", dict(method="opt", solver="exact", restore_norm=True, layout="uniform"),
+            "new", "OpT-DeUS exact + restore_norm, uniform layout (after base layers 0, 2, ..., 28)"),
+    # (copy with layout="uniform" puts its copies after layers 1, 3, ..., 29: that is copy-every2; a fusion needs an
+    # upper neighbour, so the fused uniform layout is 0, 2, ..., 28; this is copy at exactly those positions)
+    Variant("lever-copy-uniform", "levers", dict(method="copy", positions=list(range(0, 29, 2))), "new",
+            "LLaMA Pro copies at the fused uniform positions (after base layers 0, 2, ..., 28)"),
     Variant("lever-act-restore", "levers", dict(method="opt", solver="exact", align_on="activations",
                                                 restore_norm=True), "new",
             "OpT-DeUS exact, activation alignment + restore_norm"),
