@@ -90,6 +90,10 @@ class LayerAlignment:
         """
         s = self.shape
         hq, hkv, g, hd = s.num_heads, s.num_kv_heads, s.group_size, s.head_dim
+        if role in ("gate", "up", "gate_bias", "up_bias", "down") and self.neurons.is_permutation:
+            # gather first, then widen: the same numbers, one float64 copy instead of two
+            dim = 1 if role == "down" else 0
+            return t.detach().index_select(dim, self.neurons.assignment.to(t.device)).to(torch.float64)
         x = t.detach().to(torch.float64)
         if role in ("k", "k_bias", "v", "v_bias"):  # KV-head rows: a plain barycentric map over groups
             W = self.heads.barycentric  # [hkv, hkv], columns sum to 1
@@ -106,8 +110,6 @@ class LayerAlignment:
         if role in ("gate", "up", "gate_bias", "up_bias", "down"):
             p = self.neurons
             dim = 1 if role == "down" else 0
-            if p.is_permutation:
-                return x.index_select(dim, p.assignment.to(x.device))
             P = p.dense.to(x.device)
             return (x @ P if dim else P.T @ x).mul_(p.n)
         return x
@@ -124,6 +126,8 @@ class LayerAlignment:
             d[f"{name}_cost_ratio"] = p.cost / p.identity_cost if p.identity_cost > 0 else 1.0
             d[f"{name}_marginal_error"] = p.marginal_error
             d[f"{name}_sharpness"] = p.sharpness
+            if p.solver.startswith("sinkhorn"):
+                d[f"{name}_kernel_domain"] = float(p.solver == "sinkhorn")
         d.update(self.extra)
         if self.query:
             d["query_marginal_error"] = max(p.marginal_error for p in self.query.values())

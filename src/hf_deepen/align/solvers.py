@@ -223,7 +223,7 @@ def pairwise_sq_dists(
     n_a, n_b = parts_a[0].shape[0], parts_b[0].shape[0]
 
     def conv(t: Tensor) -> Tensor:
-        return (t.to(dev, cdt) / s).reshape(t.shape[0], -1)
+        return t.to(dev, cdt, copy=True).div_(s).reshape(t.shape[0], -1)
 
     out = torch.zeros(n_a, n_b, dtype=torch.float64, device=dev)
     na = torch.zeros(n_a, dtype=torch.float64, device=dev)

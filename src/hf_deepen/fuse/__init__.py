@@ -123,8 +123,14 @@ def _fuse_roles(
             num_avg += nm
         a_r = align(r, a[r]) if align is not None else a[r].detach().to(torch.float64)
         b_r = b[r].detach().to(torch.float64)
+        # the mix below works in place (the same roundings as (1 - w) * a + w * b, without two
+        # temporaries): never on a caller's tensor
+        if a_r.data_ptr() == a[r].data_ptr():
+            a_r = a_r.clone()
+        if b_r.data_ptr() == b[r].data_ptr():
+            b_r = b_r.clone()
         target = _norm_target(r, a_r, b_r) if cfg.restore_norm else None
-        f = (1.0 - w) * a_r + w * b_r
+        f = a_r.mul_(1.0 - w).add_(b_r.mul_(w))
         del a_r, b_r
         if r in _MATRICES:
             num += float(f.norm())
