@@ -174,7 +174,22 @@ print("RESULT " + json.dumps({"wall_s": t3 - t0, "peak_rss_mb": resource.getrusa
 """
 
 
-def run_child(code: str, src: Path, out: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+def run_child(code: str, src: Path, out: Path, cfg: dict[str, Any], inline: bool = False) -> dict[str, Any]:
+    """Run ``code`` in a child process (its own peak RSS); ``inline`` runs it here instead (tests:
+    no interpreter start-up, but the peak RSS is then this process's)."""
+    if inline:
+        import contextlib
+        import io
+
+        buf, argv = io.StringIO(), sys.argv
+        sys.argv = ["-c", str(src), str(out), json.dumps(cfg)]
+        try:
+            with contextlib.redirect_stdout(buf):
+                exec(compile(code, "<scale-child>", "exec"), {"__name__": "__scale_child__"})
+        finally:
+            sys.argv = argv
+        line = [x for x in buf.getvalue().splitlines() if x.startswith("RESULT ")]
+        return json.loads(line[-1][len("RESULT "):])
     env = dict(os.environ)
     src_dir = str(HERE.parent / "src")
     env["PYTHONPATH"] = src_dir + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -248,7 +263,7 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
             label = f"subset: {args.sinkhorn_layers} new layer(s) after base layers {cfg['positions']} ({base} -> {base + args.sinkhorn_layers})"
         out = work / f"stream-{method}"
         log(f"{name}: streaming {method} [{label}]")
-        r = run_child(_STREAM, src, out, cfg)
+        r = run_child(_STREAM, src, out, cfg, args.inline)
         r.update(method=method, path="streaming", config=cfg, run=label, output_bytes=dir_bytes(out))
         r["summary"] = summarise(r)
         # the floor for this run: read what it reads, write what it writes, at the measured copy rate
@@ -259,7 +274,7 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if name not in NO_IN_MEMORY and not args.no_in_memory:
             mout = work / f"mem-{method}"
             log(f"{name}: in-memory {method}")
-            m = run_child(_IN_MEMORY, src, mout, cfg)
+            m = run_child(_IN_MEMORY, src, mout, cfg, args.inline)
             m.update(method=method, path="in-memory", config=cfg, run=label)
             m["identical_to_streaming"] = same_tensors(out, mout)
             log(f"{name}: in-memory {method}: {m['wall_s']:.1f} s, peak RSS {m['peak_rss_mb']:.0f} MB,"
@@ -345,11 +360,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-readme", action="store_true")
     p.add_argument("--no-in-memory", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    p.add_argument("--inline", action="store_true", help="run upscales in this process (fast start; RSS not isolated)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the CSV and README table from OUT/scale.json")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    if args.report_only:
+        doc = json.loads((Path(args.out) / "scale.json").read_text())
+        write_outputs(doc, Path(args.out), readme=not args.no_readme)
+        return doc
     t0 = time.perf_counter()
     doc: dict[str, Any] = {"argv": list(argv if argv is not None else sys.argv[1:]), "results": [],
                            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
