@@ -221,3 +221,24 @@ def test_explicit_cpu_device_gives_the_same_layer():
     r2 = make_layer("opt", [a, b], shape, UpscaleConfig(zero_init=False))
     for k in r1.canon:
         assert torch.equal(r1.canon[k], r2.canon[k]), k
+
+
+def test_batched_sinkhorn_matches_one_by_one(monkeypatch):
+    from hf_deepen.align import solvers
+    from hf_deepen.align.solvers import solve_sinkhorn_batch
+
+    torch.manual_seed(0)
+    X = torch.randn(6, 5, 8, dtype=torch.float64)
+    Ms = torch.stack([sq_dists(x, x[torch.randperm(5)] + 0.2 * torch.randn(5, 8, dtype=torch.float64)) for x in X])
+    batch = solve_sinkhorn_batch(Ms, reg=0.05, tol=1e-8)
+    for M, p in zip(Ms, batch):
+        one = solve_sinkhorn(M, reg=0.05, tol=1e-8)
+        assert p.solver == one.solver == "sinkhorn"
+        torch.testing.assert_close(p.matrix, one.matrix, atol=1e-6, rtol=1e-4)
+        assert p.marginal_error < 1e-4
+    # the log domain (taken when any problem is out of range; forced here) gives the same plans
+    monkeypatch.setattr(solvers, "KERNEL_MAX_RANGE", 0.0)
+    log = solve_sinkhorn_batch(Ms, reg=0.05, tol=1e-8)
+    for p, q in zip(log, batch):
+        assert p.solver == "sinkhorn_log"
+        torch.testing.assert_close(p.matrix, q.matrix, atol=1e-6, rtol=1e-4)
