@@ -37,7 +37,8 @@ class UpscaleConfig:
         copies of the whole stack concatenated (never function preserving).
     solver:
         OT solver for ``method="opt"``: ``"exact"`` (an assignment problem, solved exactly) or
-        ``"sinkhorn"`` (entropic OT in the log domain, applied as a barycentric map).
+        ``"sinkhorn"`` (entropic OT, kernel domain when it cannot underflow, else log domain, applied
+        as a barycentric map).
     sinkhorn_reg:
         Entropic regularisation, relative to the mean of the cost matrix (the cost is divided by its
         mean before solving, so the value means the same on any model and dtype).
