@@ -32,7 +32,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys

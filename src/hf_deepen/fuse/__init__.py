@@ -47,14 +47,6 @@ def register_fusion(name: str) -> Callable[[FusionFn], FusionFn]:
     return deco
 
 
-def _f64(c: Canon) -> dict[str, Tensor]:
-    return {k: v.detach().to(torch.float64) for k, v in c.items()}
-
-
-def _mix(a: Canon, b: Canon, w: float) -> dict[str, Tensor]:
-    return {k: (1.0 - w) * a[k] + w * b[k] for k in b}
-
-
 #: rows per chunk when a norm is taken over float64 copies (bounds the temporary copies)
 _CHUNK = 1024
 
