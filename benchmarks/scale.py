@@ -242,11 +242,20 @@ def dir_bytes(d: Path) -> int:
 
 def bench_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work) / name
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     src = work / "base"
-    log(f"{name}: writing the checkpoint to {src}")
-    made = write_smollm2(src) if name == "smollm2" else write_synthetic(src, SHAPES[name])
+    if args.reuse and (src / "made.json").exists():
+        made = json.loads((src / "made.json").read_text())
+        made["reused"] = True
+        for d in work.iterdir():
+            if d != src:
+                shutil.rmtree(d, ignore_errors=True)
+        log(f"{name}: reusing the checkpoint in {src}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        log(f"{name}: writing the checkpoint to {src}")
+        made = write_smollm2(src) if name == "smollm2" else write_synthetic(src, SHAPES[name])
+        (src / "made.json").write_text(json.dumps(made))
     log(f"{name}: checkpoint {made['bytes'] / 1e9:.2f} GB in {made['seconds']:.1f} s")
     res: dict[str, Any] = {"shape": name, "checkpoint": made, "config": json.loads((src / "config.json").read_text())}
     res["io_floor"] = io_floor(src, work / "copy")
@@ -256,10 +265,11 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
         solver = method.split("-")[1]
         cfg: dict[str, Any] = {"method": "opt", "solver": solver}
         label = "full (all new layers)"
-        if name == "8b" and solver == "sinkhorn" and args.sinkhorn_layers:
+        k = args.sinkhorn_layers if solver == "sinkhorn" else args.exact_layers
+        if name == "8b" and k:
             base = SHAPES[name]["num_hidden_layers"]
-            cfg["positions"] = list(range(base // 2, base // 2 + args.sinkhorn_layers))
-            label = f"subset: {args.sinkhorn_layers} new layer(s) after base layers {cfg['positions']} ({base} -> {base + args.sinkhorn_layers})"
+            cfg["positions"] = list(range(base // 2, base // 2 + k))
+            label = f"subset: {k} new layer(s) after base layers {cfg['positions']} ({base} -> {base + k})"
         out = work / f"stream-{method}"
         log(f"{name}: streaming {method} [{label}]")
         r = run_child(_STREAM, src, out, cfg, args.inline)
@@ -285,6 +295,10 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(out, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+    else:
+        for d in work.iterdir():
+            if d != src:
+                shutil.rmtree(d, ignore_errors=True)
     return res
 
 
@@ -358,6 +372,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default="opt-exact,opt-sinkhorn")
     p.add_argument("--sinkhorn-layers", type=int, default=2,
                    help="8b only: build this many new layers with Sinkhorn instead of all 16 (0 = all)")
+    p.add_argument("--exact-layers", type=int, default=0,
+                   help="8b only: build this many new layers with the exact solver instead of all 16 (0 = all)")
+    p.add_argument("--reuse", action="store_true", help="reuse a checkpoint left by --keep (made.json marks it complete)")
     p.add_argument("--work", default="/work/scratch/scale-bench", help="where checkpoints are written (deleted after)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--no-readme", action="store_true")
