@@ -126,3 +126,119 @@ def test_restore_norm_restores_row_norms():
     res = make_layer("avg", [a, b], shape, UpscaleConfig(method="avg", restore_norm=True, zero_init=False))
     want = 0.5 * (a["up"].norm(dim=1) + b["up"].norm(dim=1))
     torch.testing.assert_close(res.canon["up"].norm(dim=1), want)
+
+
+# ---- scale: Sinkhorn domains, cost precision, device ---------------------------------------------
+def test_sinkhorn_kernel_and_log_domains_agree():
+    from hf_deepen.align import solvers
+
+    torch.manual_seed(0)
+    X = torch.randn(48, 16)
+    M = sq_dists(X, X[torch.randperm(48)] + 0.3 * torch.randn(48, 16))
+    kernel = solve_sinkhorn(M, reg=0.05, tol=1e-7)
+    assert kernel.solver == "sinkhorn"  # the range of M / mean(M) over reg is far below the limit
+    old = solvers.KERNEL_MAX_RANGE
+    try:
+        solvers.KERNEL_MAX_RANGE = 0.0  # force the log-domain fallback on the same problem
+        log = solve_sinkhorn(M, reg=0.05, tol=1e-7)
+    finally:
+        solvers.KERNEL_MAX_RANGE = old
+    assert log.solver == "sinkhorn_log"
+    assert kernel.marginal_error < 1e-3 and log.marginal_error < 1e-3
+    torch.testing.assert_close(kernel.matrix, log.matrix, atol=1e-5 / 48, rtol=1e-3)
+
+
+def test_sinkhorn_falls_back_to_log_domain_on_a_large_range():
+    # one far outlier: (max - min) / mean / reg >> 600, exp(-M / reg) would underflow to 0
+    torch.manual_seed(0)
+    M = torch.rand(32, 32, dtype=torch.float64)
+    M[0, 0] = 1e4
+    plan = solve_sinkhorn(M, reg=0.01)
+    assert plan.solver == "sinkhorn_log"
+    assert plan.marginal_error < 1e-3
+    assert torch.isfinite(plan.matrix).all()
+
+
+def test_exact_plan_is_an_assignment_not_a_dense_matrix():
+    torch.manual_seed(0)
+    M = torch.rand(50, 50, dtype=torch.float64)
+    plan = solve_exact(M)
+    assert plan.dense is None and plan.is_permutation
+    P = plan.matrix
+    assert torch.equal(P.argmax(0), plan.permutation)
+    assert plan.cost == pytest.approx(float((P * M).sum()), rel=1e-12)
+    assert plan.marginal_error == 0.0 and plan.sharpness == 1.0
+
+
+def test_bf16_costs_use_scaled_float32_and_cannot_overflow():
+    from hf_deepen.align.solvers import pairwise_sq_dists
+
+    torch.manual_seed(0)
+    A, B = torch.randn(40, 300), torch.randn(50, 300)
+    ref = sq_dists(A.double(), B.double())
+    # 16-bit inputs: float32 products, float64 result, close to the float64 reference of the same values
+    got = pairwise_sq_dists([A.bfloat16()], [B.bfloat16()])
+    ref16 = sq_dists(A.bfloat16().double(), B.bfloat16().double())
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref16, rtol=1e-5, atol=1e-4)
+    assert (got - ref).abs().max() < 0.1 * ref.mean()  # bf16 rounding of the inputs, not of the products
+    # bf16 reaches 3e38: squares overflow float32 without the power-of-two scaling
+    Ab, Bb = A.bfloat16() * 1e30, B.bfloat16() * 1e30
+    assert torch.isinf((Ab.float() * Ab.float()).sum(1)).all()  # the naive float32 product overflows
+    huge = pairwise_sq_dists([Ab], [Bb])
+    assert torch.isfinite(huge).all()
+    torch.testing.assert_close(huge, sq_dists(Ab.double(), Bb.double()), rtol=1e-5, atol=0)
+    # split features (the neuron view: gate row, up row, down column) equal the concatenation
+    parts = pairwise_sq_dists([A[:, :100], A[:, 100:]], [B[:, :100], B[:, 100:]])
+    torch.testing.assert_close(parts, ref.to(parts.dtype), rtol=1e-12, atol=1e-9)
+
+
+def test_device_option(monkeypatch):
+    from hf_deepen import ConfigError
+    from hf_deepen.config import resolve_device
+
+    assert UpscaleConfig().device == "auto"
+    with pytest.raises(ConfigError, match="device"):
+        UpscaleConfig(device="tpu")
+    assert resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ConfigError, match="no such CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("cuda:0") == "cuda:0"
+    with pytest.raises(ConfigError):
+        resolve_device("cuda:1")
+
+
+def test_explicit_cpu_device_gives_the_same_layer():
+    model = tiny_model("gqa")
+    _, shape, a = canon_of(model, 1)
+    _, _, b = canon_of(model, 2)
+    r1 = make_layer("opt", [a, b], shape, UpscaleConfig(zero_init=False, device="cpu"))
+    r2 = make_layer("opt", [a, b], shape, UpscaleConfig(zero_init=False))
+    for k in r1.canon:
+        assert torch.equal(r1.canon[k], r2.canon[k]), k
+
+
+def test_batched_sinkhorn_matches_one_by_one(monkeypatch):
+    from hf_deepen.align import solvers
+    from hf_deepen.align.solvers import solve_sinkhorn_batch
+
+    torch.manual_seed(0)
+    X = torch.randn(6, 5, 8, dtype=torch.float64)
+    Ms = torch.stack([sq_dists(x, x[torch.randperm(5)] + 0.2 * torch.randn(5, 8, dtype=torch.float64)) for x in X])
+    batch = solve_sinkhorn_batch(Ms, reg=0.05, tol=1e-8)
+    for M, p in zip(Ms, batch):
+        one = solve_sinkhorn(M, reg=0.05, tol=1e-8)
+        assert p.solver == one.solver == "sinkhorn"
+        torch.testing.assert_close(p.matrix, one.matrix, atol=1e-6, rtol=1e-4)
+        assert p.marginal_error < 1e-4
+    # the log domain (taken when any problem is out of range; forced here) gives the same plans
+    monkeypatch.setattr(solvers, "KERNEL_MAX_RANGE", 0.0)
+    log = solve_sinkhorn_batch(Ms, reg=0.05, tol=1e-8)
+    for p, q in zip(log, batch):
+        assert p.solver == "sinkhorn_log"
+        torch.testing.assert_close(p.matrix, q.matrix, atol=1e-6, rtol=1e-4)

@@ -9,6 +9,7 @@ torchao's ``quantize_(model, config)``: it is validated on construction, round-t
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -37,7 +38,8 @@ class UpscaleConfig:
         copies of the whole stack concatenated (never function preserving).
     solver:
         OT solver for ``method="opt"``: ``"exact"`` (an assignment problem, solved exactly) or
-        ``"sinkhorn"`` (entropic OT in the log domain, applied as a barycentric map).
+        ``"sinkhorn"`` (entropic OT, kernel domain when it cannot underflow, else log domain, applied
+        as a barycentric map).
     align_on:
         What OT compares for ``method="opt"``: ``"weights"`` (the units' parameters, the paper's
         choice; default) or ``"activations"`` (what the units compute on calibration text passed to
@@ -79,6 +81,12 @@ class UpscaleConfig:
         After fusing, rescale each row (input projections) and column (output projections) of a
         fused matrix to the mean norm of its two parents' rows: averaging two different rows
         shrinks them, and this undoes it.
+    device:
+        Where OT runs (cost matrices and Sinkhorn): ``"auto"`` (default: ``"cuda"`` when
+        ``torch.cuda.is_available()``, else ``"cpu"``), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. The
+        exact solver's assignment always runs on the CPU (SciPy); the fused layer is computed where
+        the weights are. A GPU computes costs in a different order than a CPU, so the two can
+        differ in the last bits of a cost and, on exact ties, in the plan.
     seed:
         Not used by the deterministic solvers; stored for reproducibility of downstream runs.
     """
@@ -97,11 +105,14 @@ class UpscaleConfig:
     zero_target: str = "auto"
     fusion_weight: float = 0.5
     restore_norm: bool = False
+    device: str = "auto"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.solver not in SOLVERS:
             raise ConfigError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
         if self.align_on not in ALIGN_ON:
@@ -183,6 +194,23 @@ class UpscaleConfig:
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)}: valid options are {', '.join(sorted(known))}")
         return cls(**d)
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is available, else ``"cpu"``; a named GPU must exist.
+
+    Resolved when an upscale runs, not when the config is made, so one config serves a laptop and
+    a GPU box; the stored provenance keeps what was asked (``"auto"``).
+    """
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if not torch.cuda.is_available() or idx >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r} but no such CUDA device is available: use device='auto' or 'cpu'")
+    return device
 
 
 def _as_int(value: Any, name: str) -> int:

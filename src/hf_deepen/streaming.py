@@ -1,8 +1,10 @@
 """Streaming: upscale a safetensors checkpoint directory to a new directory without loading the model.
 
-Only the tensors of the layers being built are read (lazily, with ``safetensors.safe_open``), and
-tensors are written shard by shard, so peak memory is bounded by the source layers of one new
-layer plus one output shard, whatever the model size. The new layers are made by the same
+Only the tensors of the layers being built are read (with plain file reads, see
+:class:`_SafetensorsFile`); every other tensor is copied through byte for byte in bounded chunks,
+and output shards are laid out in advance so each tensor is written as soon as it exists. Peak
+memory is bounded by the source layers of one new layer and its OT problem, whatever the model
+size or shard size. The new layers are made by the same
 function as in memory (:func:`hf_deepen.fuse.build_layer_state`), so the output is identical,
 tensor for tensor, to ``DepthUpscaler(model).upscale(...)`` followed by ``save_pretrained``.
 """
@@ -13,13 +15,12 @@ import json
 import os
 import re
 import shutil
+import struct
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .arch.registry import _SPECS, ADD_A_FAMILY
 from .config import UpscaleConfig
@@ -43,74 +44,201 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
+#: safetensors dtype names <-> torch dtypes
+_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    _DTYPES.update({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2})
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+#: bytes per read/write when copying a tensor through unchanged
+_COPY_CHUNK = 64 * 2**20
+
+
+class _SafetensorsFile:
+    """One safetensors file read with plain ``readinto`` calls, not ``mmap``.
+
+    ``safe_open`` maps the file: every page it touches counts in the process's RSS until the map
+    is closed, so streaming a 16 GB checkpoint through open maps reports (reclaimable, but real)
+    gigabytes of resident memory. Reading into owned buffers keeps RSS what the code holds.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        self.metadata = header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.entries: dict[str, dict[str, Any]] = header
+        self._fh = None
+
+    def _file(self):
+        if self._fh is None:
+            self._fh = open(self.path, "rb", buffering=0)
+        return self._fh
+
+    def nbytes(self, name: str) -> int:
+        b, e = self.entries[name]["data_offsets"]
+        return e - b
+
+    def get(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        dtype = _DTYPES.get(e["dtype"])
+        if dtype is None:
+            raise UnsupportedModelError(f"{self.path.name}: tensor {name!r} has dtype {e['dtype']}, which the streaming path does not read")
+        b, end = e["data_offsets"]
+        buf = torch.empty(end - b, dtype=torch.uint8)
+        f = self._file()
+        f.seek(self.base + b)
+        view, got = memoryview(buf.numpy()), 0
+        while got < end - b:
+            k = f.readinto(view[got:])
+            if not k:
+                raise UnsupportedModelError(f"{self.path}: truncated while reading {name!r}")
+            got += k
+        return buf.view(dtype).reshape(e["shape"])
+
+    def copy_to(self, name: str, out: Any) -> None:
+        """Write tensor ``name``'s bytes to the open file ``out``, in bounded chunks."""
+        b, end = self.entries[name]["data_offsets"]
+        f = self._file()
+        f.seek(self.base + b)
+        left = end - b
+        while left:
+            chunk = f.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise UnsupportedModelError(f"{self.path}: truncated while reading {name!r}")
+            out.write(chunk)
+            left -= len(chunk)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
 class _Checkpoint:
-    """Lazy access to every tensor of a safetensors checkpoint directory."""
+    """Lazy access to every tensor of a safetensors checkpoint directory (headers read up front)."""
 
     def __init__(self, path: Path):
         index = path / WEIGHTS_INDEX
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (path / "model.safetensors").exists():
-            with safe_open(path / "model.safetensors", framework="pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+            weight_map = None
         else:
             raise UnsupportedModelError(
                 f"{str(path)!r} holds no safetensors weights (model.safetensors or {WEIGHTS_INDEX}): the streaming"
                 " path reads safetensors only; load other formats with DepthUpscaler.from_pretrained"
             )
-        self.path, self.weight_map = path, weight_map
-        self._files: dict[str, Any] = {}
+        self.path = path
+        self._files: dict[str, _SafetensorsFile] = {}
+        if weight_map is None:
+            weight_map = {k: "model.safetensors" for k in self._file("model.safetensors").entries}
+        self.weight_map: dict[str, str] = weight_map
+
+    def _file(self, fname: str) -> _SafetensorsFile:
+        if fname not in self._files:
+            self._files[fname] = _SafetensorsFile(self.path / fname)
+        return self._files[fname]
+
+    def entry(self, name: str) -> dict[str, Any]:
+        """``{"dtype", "shape", "data_offsets"}`` of tensor ``name`` (from the header: no data read)."""
+        return self._file(self.weight_map[name]).entries[name]
 
     def get(self, name: str) -> torch.Tensor:
-        fname = self.weight_map[name]
-        if fname not in self._files:
-            self._files[fname] = safe_open(self.path / fname, framework="pt")
-        return self._files[fname].get_tensor(name)
+        return self._file(self.weight_map[name]).get(name)
+
+    def copy_to(self, name: str, out: Any) -> None:
+        self._file(self.weight_map[name]).copy_to(name, out)
 
     def close(self) -> None:
         for f in self._files.values():
-            if hasattr(f, "__exit__"):
-                f.__exit__(None, None, None)
+            f.close()
         self._files.clear()
 
 
-class _ShardWriter:
-    """Writes tensors into consecutive shards of at most ``max_bytes`` and an index."""
+def _nbytes(entry: dict[str, Any]) -> int:
+    b, e = entry["data_offsets"]
+    return e - b
 
-    def __init__(self, out: Path, max_bytes: int):
-        self.out, self.max_bytes = out, max_bytes
-        self.current: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.shards: list[list[str]] = []
-        self.total = 0
+
+class _ShardWriter:
+    """Writes a checkpoint whose tensors (names, dtypes, shapes) are all known before any is made.
+
+    The shards are laid out first (consecutive, at most ``max_bytes`` each unless one tensor is
+    larger), so each shard's safetensors header can be written before its data, and every tensor
+    is then written the moment it exists and dropped: nothing is buffered, whatever the shard
+    size. Tensors must be handed over in the planned order.
+    """
+
+    def __init__(self, out: Path, max_bytes: int, entries: list[tuple[str, str, list[int], int]]):
+        self.out = out
+        self.shards: list[list[tuple[str, str, list[int], int]]] = []
+        size = 0
+        for e in entries:
+            if not self.shards or (size and size + e[3] > max_bytes):
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(e)
+            size += e[3]
+        self.total = sum(e[3] for e in entries)
+        n = len(self.shards)
+        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._order = [(i, e) for i, shard in enumerate(self.shards) for e in shard]
+        self._pos = 0
+        self._shard = -1
+        self._fh = None
+
+    def _next(self, name: str) -> tuple[str, list[int], int]:
+        if self._pos >= len(self._order) or self._order[self._pos][1][0] != name:
+            want = self._order[self._pos][1][0] if self._pos < len(self._order) else None
+            raise RuntimeError(f"internal: shard writer expected tensor {want!r}, got {name!r}")
+        i, (_, dtype, shape, nbytes) = self._order[self._pos]
+        self._pos += 1
+        if i != self._shard:
+            self._open(i)
+        return dtype, shape, nbytes
+
+    def _open(self, i: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for name, dtype, shape, nbytes in self.shards[i]:
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+            off += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self._fh = open(self.out / (self.names[i] + ".tmp"), "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._shard = i
 
     def add(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.current and self.size + nbytes > self.max_bytes:
-            self.flush()
-        self.current[name] = t.contiguous()
-        self.size += nbytes
-        self.total += nbytes
+        dtype, shape, nbytes = self._next(name)
+        if _DTYPE_NAMES.get(t.dtype) != dtype or list(t.shape) != list(shape):
+            raise RuntimeError(f"internal: tensor {name!r} is {t.dtype} {list(t.shape)}, planned {dtype} {shape}")
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        self._fh.write(memoryview(t.view(torch.uint8).numpy()))
 
-    def flush(self) -> None:
-        if not self.current:
-            return
-        save_file(self.current, self.out / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
-        self.shards.append(list(self.current))
-        self.current, self.size = {}, 0
+    def copy(self, name: str, ckpt: "_Checkpoint", src_name: str) -> None:
+        """Write tensor ``src_name`` of ``ckpt`` as ``name``, byte for byte, in bounded chunks."""
+        self._next(name)
+        ckpt.copy_to(src_name, self._fh)
 
     def finish(self) -> None:
-        self.flush()
-        n = len(self.shards)
-        if n == 1:
-            os.replace(self.out / "shard-00000.tmp", self.out / "model.safetensors")
-            return
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.out / f"shard-{i:05d}.tmp", self.out / fname)
-            weight_map.update({k: fname for k in names})
-        write_json(self.out / WEIGHTS_INDEX, {"metadata": {"total_size": self.total}, "weight_map": weight_map})
+        if self._pos != len(self._order):
+            raise RuntimeError(f"internal: shard writer got {self._pos} of {len(self._order)} tensors")
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        for name in self.names:
+            os.replace(self.out / (name + ".tmp"), self.out / name)
+        if len(self.names) > 1:
+            weight_map = {e[0]: self.names[i] for i, shard in enumerate(self.shards) for e in shard}
+            write_json(self.out / WEIGHTS_INDEX, {"metadata": {"total_size": self.total}, "weight_map": weight_map})
 
 
 def upscale_checkpoint(
@@ -178,40 +306,64 @@ def upscale_checkpoint(
     report.timings["plan"] = time.perf_counter() - t0
 
     def layer_state(i: int) -> dict[str, torch.Tensor]:
-        return {k: ckpt.get(f"{prefix}{i}.{k}") for k in per_layer[i]}
+        tr = time.perf_counter()
+        state = {k: ckpt.get(f"{prefix}{i}.{k}") for k in per_layer[i]}
+        timings["read"] += time.perf_counter() - tr
+        return state
+
+    timings = {"read": 0.0, "align+fuse": 0.0, "write": 0.0}
 
     def write(tmp: Path) -> None:
-        writer = _ShardWriter(tmp, _parse_size(max_shard_size))
         before = [n for n in others if not _after_layers(n)]
         after = [n for n in others if _after_layers(n)]
+        # every output tensor is known before any is made: a new layer has the names, dtypes and
+        # shapes of its first source layer (checked when it is written)
+        order: list[tuple[str, str]] = [(n, n) for n in before]  # (output name, source of its dtype/shape)
+        for i, s in enumerate(plan.layers):
+            order += [(f"{prefix}{i}.{k}", f"{prefix}{s.sources[0]}.{k}") for k in per_layer[s.sources[0]]]
+        order += [(n, n) for n in after]
+        entries = [(name, ckpt.entry(src)["dtype"], ckpt.entry(src)["shape"], _nbytes(ckpt.entry(src))) for name, src in order]
+        writer = _ShardWriter(tmp, _parse_size(max_shard_size), entries)
+        params = {"before": sum(_numel(ckpt, n) for n in ckpt.weight_map), "after": 0}
+
+        def copy(name: str, src_name: str) -> None:
+            tw = time.perf_counter()
+            writer.copy(name, ckpt, src_name)
+            timings["write"] += time.perf_counter() - tw
+            params["after"] += _numel(ckpt, src_name)
+
         for n in before:
-            writer.add(n, ckpt.get(n))
-        align_s = 0.0
-        params = {"before": 0, "after": 0}
-        for n in others:
-            params["before"] += _numel(ckpt, n)
-        params["after"] = params["before"]
-        for i in range(num_base):
-            params["before"] += sum(_numel(ckpt, f"{prefix}{i}.{k}") for k in per_layer[i])
+            copy(n, n)
         for i, s in tqdm(list(enumerate(plan.layers)), desc=f"hf_deepen {cfg.method}", unit="layer", disable=not _show(progress)):
             if s.kind == "base":
-                state = layer_state(s.sources[0])
-            else:
-                ta = time.perf_counter()
-                res = build_layer_state(spec, cfg, shape, [layer_state(j) for j in s.sources], f"{model_type} layers {list(s.sources)}")
-                align_s += time.perf_counter() - ta
-                state = res.canon
-                report.layers.append({"index": i, "sources": list(s.sources), "method": cfg.method, "diagnostics": res.diagnostics})
-                DepthUpscaler._check(res.diagnostics, i, report)
-            for k, t in state.items():
+                for k in per_layer[s.sources[0]]:
+                    copy(f"{prefix}{i}.{k}", f"{prefix}{s.sources[0]}.{k}")
+                continue
+            sources = [layer_state(j) for j in s.sources]
+            ta = time.perf_counter()
+            res = build_layer_state(spec, cfg, shape, sources, f"{model_type} layers {list(s.sources)}")
+            del sources
+            timings["align+fuse"] += time.perf_counter() - ta
+            report.layers.append({"index": i, "sources": list(s.sources), "method": cfg.method, "diagnostics": res.diagnostics})
+            DepthUpscaler._check(res.diagnostics, i, report)
+            tw = time.perf_counter()
+            state = res.canon
+            res.canon = {}
+            for k in per_layer[s.sources[0]]:
+                t = state.pop(k)
                 writer.add(f"{prefix}{i}.{k}", t)
                 params["after"] += t.numel()
-            del state
+                del t
+            if state:
+                raise RuntimeError(f"internal: new layer {i} has unplanned tensors {sorted(state)}")
+            timings["write"] += time.perf_counter() - tw
         for n in after:
-            writer.add(n, ckpt.get(n))
+            copy(n, n)
+        tw = time.perf_counter()
         writer.finish()
+        timings["write"] += time.perf_counter() - tw
         report.params_before, report.params_after = params["before"], params["after"]
-        report.timings["align+fuse"] = align_s
+        report.timings.update(timings)
         update_config(hf_config, spec, plan)
         record_provenance(hf_config, plan, cfg, str(src), spec)
         hf_config.save_pretrained(tmp)
@@ -237,13 +389,7 @@ def _after_layers(name: str) -> bool:
 
 
 def _numel(ckpt: _Checkpoint, name: str) -> int:
-    fname = ckpt.weight_map[name]
-    if fname not in ckpt._files:
-        ckpt._files[fname] = safe_open(ckpt.path / fname, framework="pt")
-    shape = ckpt._files[fname].get_slice(name).get_shape()
     n = 1
-    for d in shape:
+    for d in ckpt.entry(name)["shape"]:
         n *= d
     return n
-
-

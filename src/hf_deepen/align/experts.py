@@ -62,18 +62,18 @@ class MoELayerAlignment(LayerAlignment):
     experts: Plan | None = None
     expert_neurons: dict[tuple[int, int], Plan] = field(default_factory=dict)
 
-    def apply(self, canon: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        out = super().apply(canon)  # float64; expert roles passed through unchanged
+    def apply_role(self, role: str, t: Tensor) -> Tensor:
+        """As :meth:`LayerAlignment.apply_role`, plus the router rows and the expert tensors."""
+        if role not in ("router", "experts_gate", "experts_up", "experts_down"):
+            return super().apply_role(role, t)
+        x = t.detach().to(torch.float64)
         W = self.experts.barycentric  # [E, E], columns sum to 1
-        out["router"] = W.T @ out["router"]
-        gate, up, down = (out[r] for r in ("experts_gate", "experts_up", "experts_down"))
-        new = {r: torch.zeros_like(out[r]) for r in ("experts_gate", "experts_up", "experts_down")}
+        if role == "router":
+            return W.T @ x
+        out = torch.zeros_like(x)
         for (i, j), p in self.expert_neurons.items():
-            w, N = W[i, j], p.barycentric  # N: [I, I], columns sum to 1
-            new["experts_gate"][j] += w * (N.T @ gate[i])
-            new["experts_up"][j] += w * (N.T @ up[i])
-            new["experts_down"][j] += w * (down[i] @ N)
-        out.update(new)
+            N = p.barycentric  # [I, I], columns sum to 1
+            out[j] += W[i, j] * (x[i] @ N if role == "experts_down" else N.T @ x[i])
         return out
 
     def diagnostics(self) -> dict[str, float]:
@@ -119,6 +119,7 @@ def align_layer_pair(
     reg: float = 0.01,
     max_iter: int = 3000,
     costs: Mapping[str, Tensor] | None = None,
+    device: str | torch.device | None = None,
 ) -> LayerAlignment:
     """Align canonical layer ``a`` to ``b``: :func:`align_layers`, plus the experts of MoE layers.
 
@@ -133,7 +134,7 @@ def align_layer_pair(
         raise UnsupportedArchitectureError(
             "activation-based alignment does not cover MoE experts yet: use align_on='weights' for this model"
         )
-    al = align_layers(a, b, shape, solver, reg, max_iter, costs=costs)
+    al = align_layers(a, b, shape, solver, reg, max_iter, device=device, costs=costs)
     if not has_experts(a):
         return al
     experts, neurons = align_experts(a, b, solver, reg, max_iter)

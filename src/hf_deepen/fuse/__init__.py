@@ -1,13 +1,15 @@
 """Fusions: how a new layer is made from its base layer(s). A small registry, one function each.
 
-Every fusion maps canonical layers (see ``arch/spec.py``) to a canonical layer, in float64, and
-returns diagnostics. Zero-init (function preservation) and norm restoration are applied here,
+Every fusion maps canonical layers (see ``arch/spec.py``) to a canonical layer, computing in
+float64 one role at a time and returning each role in the requested dtype, and returns diagnostics. Zero-init (function preservation) and norm restoration are applied here,
 after the method, the same way for every method that allows them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
+import time
 from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
@@ -24,7 +26,7 @@ from ..arch.spec import (
     QUERY_HEAD_ROWS,
     HeadShape,
 )
-from ..config import UpscaleConfig
+from ..config import UpscaleConfig, resolve_device
 
 if TYPE_CHECKING:
     from ..arch.spec import ArchSpec
@@ -44,8 +46,9 @@ class FusionResult:
     diagnostics: dict[str, float] = field(default_factory=dict)
 
 
-#: ``fn(sources, shape, cfg, **context)``; ``context`` carries run-time inputs that are not options,
-#: e.g. ``costs`` (activation-based cost matrices for ``opt``). Fusions ignore what they do not use.
+#: ``fn(sources, shape, cfg, dtype=torch.float64, **context) -> FusionResult``; ``context`` carries
+#: run-time inputs that are not options, e.g. ``costs`` (activation-based cost matrices for ``opt``).
+#: Fusions ignore what they do not use.
 FusionFn = Callable[..., FusionResult]
 _FUSIONS: dict[str, FusionFn] = {}
 
@@ -58,12 +61,21 @@ def register_fusion(name: str) -> Callable[[FusionFn], FusionFn]:
     return deco
 
 
-def _f64(c: Canon) -> dict[str, Tensor]:
-    return {k: v.detach().to(torch.float64) for k, v in c.items()}
+#: rows per chunk when a norm is taken over float64 copies (bounds the temporary copies)
+_CHUNK = 1024
 
 
-def _mix(a: Canon, b: Canon, w: float) -> dict[str, Tensor]:
-    return {k: (1.0 - w) * a[k] + w * b[k] for k in b}
+def _norms(a: Tensor, b: Tensor, w: float) -> tuple[float, float, float]:
+    """``|a|, |b|, |(1 - w) a + w b|`` (Frobenius, float64), over row chunks of float64 copies."""
+    sa = sb = sm = 0.0
+    for i in range(0, a.shape[0], _CHUNK):
+        x = a[i : i + _CHUNK].detach().to(torch.float64)
+        y = b[i : i + _CHUNK].detach().to(torch.float64)
+        sa += float((x * x).sum())
+        sb += float((y * y).sum())
+        m = (1.0 - w) * x + w * y
+        sm += float((m * m).sum())
+    return math.sqrt(sa), math.sqrt(sb), math.sqrt(sm)
 
 
 def retained_norm(fused: Canon, a: Canon, b: Canon) -> float:
@@ -76,57 +88,105 @@ def retained_norm(fused: Canon, a: Canon, b: Canon) -> float:
     return num / den if den > 0 else 1.0
 
 
+def _norm_target(r: str, a: Tensor, b: Tensor) -> Tensor | None:
+    if r not in _ROW_ROLES + _COL_ROLES:
+        return None
+    dim = -1 if r in _ROW_ROLES else -2
+    return 0.5 * (a.norm(dim=dim, keepdim=True) + b.norm(dim=dim, keepdim=True))
+
+
+def _restore(r: str, f: Tensor, target: Tensor | None) -> Tensor:
+    if target is None:
+        return f
+    have = f.norm(dim=-1 if r in _ROW_ROLES else -2, keepdim=True)
+    return f * torch.where(have > 0, target / have.clamp_min(1e-30), torch.ones_like(have))
+
+
 def restore_norms(fused: dict[str, Tensor], a: Canon, b: Canon) -> None:
     """Rescale each fused row (input projections) / column (output projections) to the mean norm
     of its two (aligned) parents, undoing the shrinkage of averaging two different vectors."""
     for r in _ROW_ROLES + _COL_ROLES:
-        if r not in fused:
-            continue
-        dim = -1 if r in _ROW_ROLES else -2
-        target = 0.5 * (a[r].norm(dim=dim, keepdim=True) + b[r].norm(dim=dim, keepdim=True))
-        have = fused[r].norm(dim=dim, keepdim=True)
-        fused[r] = fused[r] * torch.where(have > 0, target / have.clamp_min(1e-30), torch.ones_like(have))
+        if r in fused:
+            fused[r] = _restore(r, fused[r], _norm_target(r, a[r], b[r]))
+
+
+def _fuse_roles(
+    a: Canon, b: Canon, cfg: UpscaleConfig, dtype: torch.dtype, align: Callable[[str, Tensor], Tensor] | None = None
+) -> FusionResult:
+    """``(1 - w) * align(a) + w * b`` role by role, each cast to ``dtype`` before the next.
+
+    Arithmetic is float64 per role (the same numbers as fusing whole float64 layers), but only
+    one role is ever held in float64: an 8B layer is 1.75 GB in float64, its largest role 0.47 GB.
+    ``align(role, tensor)`` moves A's units into B's order (default: leave them).
+    """
+    w = cfg.fusion_weight
+    fused: dict[str, Tensor] = {}
+    num = den = num_avg = 0.0
+    for r in b:
+        if r in _MATRICES:
+            na, nb, nm = _norms(a[r], b[r], w)
+            den += 0.5 * (na + nb)
+            num_avg += nm
+        a_r = align(r, a[r]) if align is not None else a[r].detach().to(torch.float64)
+        b_r = b[r].detach().to(torch.float64)
+        # the mix below works in place (the same roundings as (1 - w) * a + w * b, without two
+        # temporaries): never on a caller's tensor
+        if a_r.data_ptr() == a[r].data_ptr():
+            a_r = a_r.clone()
+        if b_r.data_ptr() == b[r].data_ptr():
+            b_r = b_r.clone()
+        target = _norm_target(r, a_r, b_r) if cfg.restore_norm else None
+        f = a_r.mul_(1.0 - w).add_(b_r.mul_(w))
+        del a_r, b_r
+        if r in _MATRICES:
+            num += float(f.norm())
+        fused[r] = _restore(r, f, target).to(dtype)
+        del f
+    diag = {"retained_norm": num / den if den > 0 else 1.0}
+    if align is not None:
+        diag["retained_norm_avg"] = num_avg / den if den > 0 else 1.0
+    return FusionResult(fused, diag)
 
 
 @register_fusion("opt")
-def fuse_opt(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, costs: Mapping[str, Tensor] | None = None,
-             **_: object) -> FusionResult:
+def fuse_opt(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, dtype: torch.dtype = torch.float64,
+             costs: Mapping[str, Tensor] | None = None, **_: object) -> FusionResult:
     """OpT-DeUS: align the lower layer's heads and neurons (and experts) to the upper layer, then average.
 
     ``costs``: cost matrices that replace the weight-based ones (``align_on="activations"``)."""
-    a, b = (_f64(s) for s in sources)
-    al = align_layer_pair(a, b, shape, cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter, costs=costs)
-    a_al = al.apply(a)
-    fused = _mix(a_al, b, cfg.fusion_weight)
+    a, b = sources
+    t0 = time.perf_counter()
+    al = align_layer_pair(a, b, shape, cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter, costs=costs,
+                          device=resolve_device(cfg.device))
+    t1 = time.perf_counter()
+    res = _fuse_roles(a, b, cfg, dtype, al.apply_role)
     diag = al.diagnostics()
-    diag["retained_norm"] = retained_norm(fused, a, b)
-    diag["retained_norm_avg"] = retained_norm(_mix(a, b, cfg.fusion_weight), a, b)
-    if cfg.restore_norm:
-        restore_norms(fused, a_al, b)
-    return FusionResult(fused, diag)
+    diag.update(res.diagnostics)
+    diag["seconds_fuse"] = time.perf_counter() - t1
+    diag["seconds_align"] = t1 - t0
+    return FusionResult(res.canon, diag)
 
 
 @register_fusion("avg")
-def fuse_avg(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, **_: object) -> FusionResult:
+def fuse_avg(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, dtype: torch.dtype = torch.float64,
+             **_: object) -> FusionResult:
     """Avg-DeUS: the plain (weighted) mean of the two neighbours, units left in place."""
-    a, b = (_f64(s) for s in sources)
-    fused = _mix(a, b, cfg.fusion_weight)
-    diag = {"retained_norm": retained_norm(fused, a, b)}
-    if cfg.restore_norm:
-        restore_norms(fused, a, b)
-    return FusionResult(fused, diag)
+    a, b = sources
+    return _fuse_roles(a, b, cfg, dtype)
 
 
 @register_fusion("copy")
-def fuse_copy(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, **_: object) -> FusionResult:
+def fuse_copy(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, dtype: torch.dtype = torch.float64,
+             **_: object) -> FusionResult:
     """LLaMA Pro block expansion: a copy of the layer below."""
-    return FusionResult(_f64(sources[0]), {})
+    return FusionResult({k: v.detach().to(dtype) for k, v in sources[0].items()}, {})
 
 
 @register_fusion("solar")
-def fuse_solar(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, **_: object) -> FusionResult:
+def fuse_solar(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, dtype: torch.dtype = torch.float64,
+             **_: object) -> FusionResult:
     """SOLAR: the repeated layer is an unchanged copy."""
-    return FusionResult(_f64(sources[0]), {})
+    return FusionResult({k: v.detach().to(dtype) for k, v in sources[0].items()}, {})
 
 
 def make_layer(
@@ -135,14 +195,16 @@ def make_layer(
     shape: HeadShape,
     cfg: UpscaleConfig,
     zero: Mapping[str, float] | None = None,
+    dtype: torch.dtype = torch.float64,
     **context: object,
 ) -> FusionResult:
     """Run fusion ``method`` on canonical ``sources`` and apply zero-init if configured.
 
+    The fusion computes in float64 and returns its tensors in ``dtype`` (cast role by role).
     ``zero`` maps canonical keys to the value zero-init writes (``ArchSpec.zero_values``); the
     default zeroes the output projections (``OUTPUT_ROLES``).
     """
-    res = _FUSIONS[method](sources, shape, cfg, **context)
+    res = _FUSIONS[method](sources, shape, cfg, dtype=dtype, **context)
     if cfg.zero_init:
         for key, value in (zero if zero is not None else {r: 0.0 for r in OUTPUT_ROLES}).items():
             if key in res.canon:
@@ -179,8 +241,13 @@ def build_layer_state(
                 )
             spec.check_shapes(canon, shape, where)
         canons.append(canon)
-    res = make_layer(cfg.method, canons, shape, cfg, spec.zero_values(cfg.zero_target), **context)
     ref = sources[0]
+    dtypes = {t.dtype for t in ref.values()}
+    # one dtype for the whole layer (the usual case): fuse straight into it, role by role, so a
+    # float64 copy of the whole layer never exists; the cast is the same either way
+    res = make_layer(cfg.method, canons, shape, cfg, spec.zero_values(cfg.zero_target),
+                     dtype=dtypes.pop() if len(dtypes) == 1 else torch.float64, **context)
+    del canons
     out = spec.from_canonical(res.canon)
     res.canon = {k: v.to(dtype=ref[k].dtype, device=ref[k].device) for k, v in out.items()}
     return res
