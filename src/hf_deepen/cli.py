@@ -49,8 +49,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                         " post-norms, Gemma-2/3 and OLMo-2), auto (default: post_norm where the family has them)")
     g.add_argument("--fusion-weight", type=float, default=S,
                    help=f"weight of the upper neighbour in the fused layer (default {d.fusion_weight})")
-    g.add_argument("--restore-norm", action="store_true", default=S,
-                   help="rescale fused rows to their parents' mean norm")
+    g.add_argument("--restore-norm", action=argparse.BooleanOptionalAction, default=S,
+                   help="rescale fused rows/columns to their parents' mean norm (default: on for opt, off otherwise)")
     g.add_argument("--device", default=S,
                    help="where OT runs (cost matrices, Sinkhorn): auto (cuda if available), cpu, cuda, cuda:N")
 

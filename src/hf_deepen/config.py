@@ -80,7 +80,10 @@ class UpscaleConfig:
     restore_norm:
         After fusing, rescale each row (input projections) and column (output projections) of a
         fused matrix to the mean norm of its two parents' rows: averaging two different rows
-        shrinks them, and this undoes it.
+        shrinks them, and this undoes it. ``None`` (default) means on for ``method="opt"`` and off
+        otherwise: in our quality benchmark (benchmarks/README.md) it is what puts OT fusion ahead
+        of plain copies at the same positions (on every seed); Avg-DeUS stays the paper's plain mean
+        unless asked.
     device:
         Where OT runs (cost matrices and Sinkhorn): ``"auto"`` (default: ``"cuda"`` when
         ``torch.cuda.is_available()``, else ``"cpu"``), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. The
@@ -104,7 +107,7 @@ class UpscaleConfig:
     zero_init: bool | None = None
     zero_target: str = "auto"
     fusion_weight: float = 0.5
-    restore_norm: bool = False
+    restore_norm: bool | None = None
     device: str = "auto"
     version: int = CONFIG_VERSION
 
@@ -162,6 +165,8 @@ class UpscaleConfig:
             )
         if self.zero_init is None:
             self.zero_init = self.method != "solar"
+        if self.restore_norm is None:
+            self.restore_norm = self.method == "opt"
         if self.zero_target not in ZERO_TARGETS:
             raise ConfigError(f"unknown zero_target {self.zero_target!r}: choose one of {', '.join(ZERO_TARGETS)}")
         if self.zero_target != "auto" and not self.zero_init:
