@@ -135,7 +135,7 @@ VARIANTS = [
             "new", "OpT-DeUS exact + restore_norm, uniform layout (after base layers 0, 2, ..., 28)"),
     # (copy with layout="uniform" puts its copies after layers 1, 3, ..., 29: that is copy-every2; a fusion needs an
     # upper neighbour, so the fused uniform layout is 0, 2, ..., 28; this is copy at exactly those positions)
-    Variant("lever-copy-uniform", "levers", dict(method="copy", positions=list(range(0, 29, 2))), "new",
+    Variant("lever-copy-uniform", "levers", dict(method="copy", positions="fused-uniform"), "new",
             "LLaMA Pro copies at the fused uniform positions (after base layers 0, 2, ..., 28)"),
     Variant("lever-act-restore", "levers", dict(method="opt", solver="exact", align_on="activations",
                                                 restore_norm=True), "new",
@@ -279,6 +279,9 @@ def build_variant(base: Any, v: Variant, data: dict[str, Any] | None = None) -> 
         t0 = time.perf_counter()
         up = DepthUpscaler(model)
         kw = dict(v.upscale)
+        if kw.get("positions") == "fused-uniform":  # where layout="uniform" puts fused layers (needs p + 1)
+            fused = up.plan(method="opt", layout="uniform")
+            kw["positions"] = [s.sources[0] for s in fused.layers if s.kind == "new"]
         if kw.get("align_on") == "activations":
             train = data["train"]
             kw["calibration"] = train[: max(1, CALIBRATION_TOKENS // train.shape[1])]

@@ -128,6 +128,9 @@ def _fuse_roles(
             den += 0.5 * (na + nb)
             num_avg += nm
         a_r = align(r, a[r]) if align is not None else a[r].detach().to(torch.float64)
+        # one memory layout for both parents (the aligned ``o`` comes back transposed): a norm's
+        # rounding depends on the reduction order, and restore_norm must leave a self-fusion exact
+        a_r = a_r.contiguous()
         b_r = b[r].detach().to(torch.float64)
         # the mix below works in place (the same roundings as (1 - w) * a + w * b, without two
         # temporaries): never on a caller's tensor
