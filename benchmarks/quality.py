@@ -761,7 +761,7 @@ def report(res: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str
     write_csvs(out, runs, res["summary"])
     lever_names = [n for n in names if BY_NAME[n].study == "levers"]
     main_names = [n for n in names if BY_NAME[n].study == "main" and not (lever_names and n in LEVER_REFS)]
-    lay_names = [n for n in names if BY_NAME[n].study == "layouts"]
+    lay_names = [n for n in names if BY_NAME[n].study == "layouts" and not (lever_names and n in LEVER_REFS)]
     lever_plot = [n for n in LEVER_REFS if n in names and lever_names] + lever_names
     res["plots"] = plots(out, runs, res["summary"], main_names, lay_names, lever_plot)
     for group in (main_names, lay_names, lever_plot):
