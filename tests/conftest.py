@@ -43,3 +43,47 @@ def ids():
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: intra-op threads only add contention (10x slower on a loaded 2-core box).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def checkpoint_tensors(d):
+    """Every tensor of a safetensors checkpoint directory, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def stream_and_memory(base, tmp_path, load_kwargs=None, **options):
+    """Upscale the checkpoint ``base`` with the streaming path and in memory, save both, and check
+    they hold the same tensor names and bit-identical tensors. Returns ``(report, in-memory model,
+    streamed config.json, in-memory config.json)`` for the caller's further checks."""
+    import json
+
+    from hf_deepen import DepthUpscaler
+    from hf_deepen.streaming import upscale_checkpoint
+
+    rep = upscale_checkpoint(base, tmp_path / "stream", max_shard_size="150KB", **options)
+    mem = AutoModelForCausalLM.from_pretrained(base, **(load_kwargs or {})).eval()
+    up = DepthUpscaler(mem, base_model=str(base))
+    up.upscale(progress=False, **options)
+    up.save_pretrained(tmp_path / "mem", tokenizer=None)
+
+    a, b = checkpoint_tensors(tmp_path / "stream"), checkpoint_tensors(tmp_path / "mem")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ca = json.loads((tmp_path / "stream" / "config.json").read_text())
+    cb = json.loads((tmp_path / "mem" / "config.json").read_text())
+    return rep, mem, ca, cb

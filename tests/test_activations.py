@@ -13,12 +13,7 @@ from hf_deepen.arch import get_module, get_spec
 from test_families import SEED, _permute, inputs, logits, make_model, max_diff
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calib() -> torch.Tensor:

@@ -32,13 +32,7 @@ from hf_deepen.surgery import per_layer_fields
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: intra-op threads only add contention (10x slower on a loaded 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SEED = 0

@@ -4,26 +4,19 @@ that store one tensor per expert."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hf_deepen import DepthUpscaler, PlanError
 from hf_deepen.arch import get_module, get_spec
 from hf_deepen.streaming import upscale_checkpoint
 
+from conftest import checkpoint_tensors, stream_and_memory
 from test_families import inputs, logits, make_model, max_diff, mlp_kinds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _round_trip(model, tmp_path):
@@ -121,13 +114,6 @@ def test_moe_layer_fused_with_itself_is_itself():
     assert res.diagnostics["experts_sharpness"] == 1.0
 
 
-def _tensors(d):
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 @pytest.mark.parametrize("method", ["opt", "copy"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_streaming_equals_in_memory(family, method, tmp_path):
@@ -137,20 +123,8 @@ def test_streaming_equals_in_memory(family, method, tmp_path):
     kw = dict(method=method, **({"positions": positions} if positions else {}))
     model = make_model(family)
     model.save_pretrained(tmp_path / "base", max_shard_size="100KB")
-    assert any(".experts.0." in k for k in _tensors(tmp_path / "base"))  # per-expert on disk
-    rep = upscale_checkpoint(tmp_path / "base", tmp_path / "stream", max_shard_size="150KB", **kw)
-
-    mem = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager").eval()
-    up = DepthUpscaler(mem, base_model=str(tmp_path / "base"))
-    up.upscale(progress=False, **kw)
-    up.save_pretrained(tmp_path / "mem", tokenizer=None)
-
-    a, b = _tensors(tmp_path / "stream"), _tensors(tmp_path / "mem")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ca = json.loads((tmp_path / "stream" / "config.json").read_text())
-    cb = json.loads((tmp_path / "mem" / "config.json").read_text())
+    assert any(".experts.0." in k for k in checkpoint_tensors(tmp_path / "base"))  # per-expert on disk
+    rep, mem, ca, cb = stream_and_memory(tmp_path / "base", tmp_path, {"attn_implementation": "eager"}, **kw)
     for key in ("num_hidden_layers", "mlp_only_layers", "decoder_sparse_step", "layer_types", "hf_deepen"):
         assert ca.get(key) == cb.get(key), key
     loaded, info = AutoModelForCausalLM.from_pretrained(

@@ -1,23 +1,13 @@
 """The streaming path gives the same checkpoint, tensor for tensor, as the in-memory path."""
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hf_deepen import DepthUpscaler, UnsupportedModelError, new_layer_indices
+from hf_deepen import UnsupportedModelError, new_layer_indices
 from hf_deepen.streaming import upscale_checkpoint
 
-from conftest import logits, tiny_model
-
-
-def _tensors(d):
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+from conftest import logits, stream_and_memory, tiny_model
 
 
 @pytest.mark.parametrize("case", [dict(method="opt"), dict(method="opt", solver="sinkhorn", zero_init=False),
@@ -27,19 +17,7 @@ def test_streaming_equals_in_memory(tmp_path, kind, case, ids):
     model = tiny_model(kind)
     model.save_pretrained(tmp_path / "base", max_shard_size="100KB")  # several input shards
     assert (tmp_path / "base" / "model.safetensors.index.json").exists()
-    rep = upscale_checkpoint(tmp_path / "base", tmp_path / "stream", max_shard_size="150KB", **case)
-
-    mem = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
-    up = DepthUpscaler(mem, base_model=str(tmp_path / "base"))
-    up.upscale(**case)
-    up.save_pretrained(tmp_path / "mem", tokenizer=None)
-
-    a, b = _tensors(tmp_path / "stream"), _tensors(tmp_path / "mem")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ca = json.loads((tmp_path / "stream" / "config.json").read_text())
-    cb = json.loads((tmp_path / "mem" / "config.json").read_text())
+    rep, mem, ca, cb = stream_and_memory(tmp_path / "base", tmp_path, **case)
     assert ca["num_hidden_layers"] == cb["num_hidden_layers"] == rep.plan.num_layers
     assert ca.get("layer_types") == cb.get("layer_types")
     assert ca["hf_deepen"] == cb["hf_deepen"]

@@ -302,7 +302,7 @@ def upscale_checkpoint(
     plan = build_plan(num_base, cfg)
     spec.check_plan(plan, hf_config)
     report = UpscaleReport(plan=plan, config=cfg, architecture=spec.name,
-                           function_preserving=cfg.function_preserving and spec.can_preserve(hf_config))
+                           function_preserving=spec.preserves_function(cfg, hf_config))
     report.timings["plan"] = time.perf_counter() - t0
 
     def layer_state(i: int) -> dict[str, torch.Tensor]:

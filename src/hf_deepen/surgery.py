@@ -87,7 +87,7 @@ def record_provenance(
             "layout": plan.layout,
             "new_layer_indices": plan.new_layer_indices,
             "sources": {str(i): list(plan.layers[i].sources) for i in plan.new_layer_indices},
-            "function_preserving": cfg.function_preserving and spec.can_preserve(config),
+            "function_preserving": spec.preserves_function(cfg, config),
             "zero_target": spec.zero_target(cfg.zero_target) if cfg.zero_init else None,
             "config": cfg.to_dict(),
             "library_version": __version__,

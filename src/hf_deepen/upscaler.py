@@ -145,7 +145,7 @@ class DepthUpscaler:
         if cfg.zero_init:
             spec.zero_target(cfg.zero_target)  # refuse a target this family lacks before any work
         report = UpscaleReport(plan=plan, config=cfg, architecture=spec.name,
-                               function_preserving=cfg.function_preserving and spec.can_preserve(model.config))
+                               function_preserving=spec.preserves_function(cfg, model.config))
         report.params_before = sum(p.numel() for p in model.parameters())
         if getattr(self, "load_seconds", None) is not None:
             report.timings["load"] = self.load_seconds

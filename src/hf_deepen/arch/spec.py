@@ -184,6 +184,11 @@ class ArchSpec:
         """Whether zero-init can make a new layer the identity for this config (False for post-LN)."""
         return True
 
+    def preserves_function(self, cfg: Any, config: Any) -> bool:
+        """Whether an upscale with ``cfg`` (an UpscaleConfig) leaves this model's function unchanged:
+        the options ask for it and the architecture allows it."""
+        return bool(cfg.function_preserving) and self.can_preserve(config)
+
     def zero_target(self, requested: str) -> str:
         """Resolve ``UpscaleConfig.zero_target`` for this family (``"auto"`` -> post-norms if any)."""
         from ..errors import ConfigError
