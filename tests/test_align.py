@@ -242,3 +242,48 @@ def test_batched_sinkhorn_matches_one_by_one(monkeypatch):
     for p, q in zip(log, batch):
         assert p.solver == "sinkhorn_log"
         torch.testing.assert_close(p.matrix, q.matrix, atol=1e-6, rtol=1e-4)
+
+
+# ---- large problems: Sinkhorn in place, dense plans applied in blocks -------------------------------
+@pytest.mark.parametrize("domain", ["kernel", "log"])
+def test_inplace_sinkhorn_matches_pot(monkeypatch, domain):
+    """The in-place solver (taken above INPLACE_MIN_ENTRIES, forced here at n=64) is POT's
+    algorithm: the same plan, diagnostics and domain; it overwrites only a cost it may own."""
+    from hf_deepen.align import solvers
+
+    torch.manual_seed(0)
+    X = torch.randn(64, 16, dtype=torch.float64)
+    M = sq_dists(X, X[torch.randperm(64)] + 0.3 * torch.randn(64, 16, dtype=torch.float64))
+    if domain == "log":
+        monkeypatch.setattr(solvers, "KERNEL_MAX_RANGE", 0.0)
+    pot = solve_sinkhorn(M, reg=0.05, tol=1e-9)
+    monkeypatch.setattr(solvers, "INPLACE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(solvers, "_BLOCK", 10)  # several blocks, a ragged last one
+    kept = M.clone()
+    mine = solve_sinkhorn(M, reg=0.05, tol=1e-9)
+    assert torch.equal(M, kept)  # not asked to overwrite: the caller's cost is untouched
+    assert mine.solver == pot.solver == ("sinkhorn" if domain == "kernel" else "sinkhorn_log")
+    # (POT's log domain runs in float32 here, the in-place one in float64)
+    tol = 1e-7 if domain == "kernel" else 2e-3
+    torch.testing.assert_close(mine.matrix, pot.matrix, atol=tol / 64, rtol=tol)
+    for k in ("cost", "identity_cost", "sharpness"):
+        assert getattr(mine, k) == pytest.approx(getattr(pot, k), rel=tol), k
+    assert mine.marginal_error == pytest.approx(pot.marginal_error, rel=1e-3, abs=1e-9)
+    scratch = M.clone()
+    again = solve_sinkhorn(scratch, reg=0.05, tol=1e-9, overwrite=True)
+    assert again.dense.data_ptr() == scratch.data_ptr()  # the plan is made in the cost's memory
+    assert torch.equal(again.dense, mine.dense)
+
+
+def test_plan_move_is_the_barycentric_map():
+    torch.manual_seed(0)
+    X = torch.randn(40, 8, dtype=torch.float64)
+    M = sq_dists(X, X + 0.5 * torch.randn(40, 8, dtype=torch.float64))
+    for dtype, tol in ((torch.float32, 1e-12), (torch.bfloat16, 1e-5)):  # 16-bit: float32 products
+        x = torch.randn(40, 3, 5, dtype=dtype)
+        for plan in (solve_exact(M), solve_sinkhorn(M, reg=0.05)):
+            want = torch.einsum("ij,iab->jab", plan.barycentric, x.double())
+            atol = 0 if plan.is_permutation else tol
+            torch.testing.assert_close(plan.move(x, dim=0), want, rtol=atol, atol=atol)
+            y = x.permute(1, 2, 0)  # units last
+            torch.testing.assert_close(plan.move(y, dim=2), want.permute(1, 2, 0), rtol=atol, atol=atol)

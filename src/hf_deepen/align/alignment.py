@@ -88,15 +88,12 @@ class LayerAlignment:
         """A's canonical tensor ``role`` (float64) moved into B's unit order; residual roles as they are.
 
         One role at a time, so a caller can fuse and cast each before the next (an 8B layer is
-        1.75 GB in float64). An exact neuron plan is applied as an index gather, not as a dense
-        ``n x n`` matmul, which is exact and costs nothing.
+        1.75 GB in float64). Neurons move by :meth:`Plan.move` (an index gather for an exact plan).
         """
         s = self.shape
         hq, hkv, g, hd = s.num_heads, s.num_kv_heads, s.group_size, s.head_dim
-        if role in ("gate", "up", "gate_bias", "up_bias", "down") and self.neurons is not None and self.neurons.is_permutation:
-            # gather first, then widen: the same numbers, one float64 copy instead of two
-            dim = 1 if role == "down" else 0
-            return t.detach().index_select(dim, self.neurons.assignment.to(t.device)).to(torch.float64)
+        if role in ("gate", "up", "gate_bias", "up_bias", "down") and self.neurons is not None:
+            return self.neurons.move(t, dim=1 if role == "down" else 0)
         x = t.detach().to(torch.float64)
         if role in ("k", "k_bias", "v", "v_bias"):  # KV-head rows: a plain barycentric map over groups
             W = self.heads.barycentric  # [hkv, hkv], columns sum to 1
@@ -110,11 +107,6 @@ class LayerAlignment:
             if role == "o":
                 return aligned.reshape(hq * hd, -1).T.reshape(t.shape)
             return aligned.reshape(t.shape)
-        if role in ("gate", "up", "gate_bias", "up_bias", "down"):
-            p = self.neurons
-            dim = 1 if role == "down" else 0
-            P = p.dense.to(x.device)
-            return (x @ P if dim else P.T @ x).mul_(p.n)
         return x
 
     def apply(self, canon: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -193,7 +185,8 @@ def align_layers(
     if "down" in a:  # (a sparse MoE layer without a shared expert has no dense MLP: align/experts.py)
         cost = costs["neurons"] if "neurons" in costs else pairwise_sq_dists(_neuron_parts(a), _neuron_parts(b), device)
         t2 = time.perf_counter()
-        neurons = solve(cost, solver, reg, max_iter)
+        # a cost built here is scratch: a large Sinkhorn problem runs in its memory
+        neurons = solve(cost, solver, reg, max_iter, overwrite="neurons" not in costs)
         del cost
         t3 = time.perf_counter()
     extra = {"seconds_heads": t1 - t0, "seconds_neuron_cost": t2 - t1, "seconds_neuron_solve": t3 - t2}

@@ -72,8 +72,7 @@ class MoELayerAlignment(LayerAlignment):
             return W.T @ x
         out = torch.zeros_like(x)
         for (i, j), p in self.expert_neurons.items():
-            N = p.barycentric  # [I, I], columns sum to 1
-            out[j] += W[i, j] * (x[i] @ N if role == "experts_down" else N.T @ x[i])
+            out[j] += W[i, j] * p.move(x[i], dim=1 if role == "experts_down" else 0)
         return out
 
     def diagnostics(self) -> dict[str, float]:
@@ -103,7 +102,7 @@ def align_experts(
     neurons: dict[tuple[int, int], Plan] = {}
     for i in range(e):
         for j in range(e):  # one pair at a time: [I, I] costs, never [E*I, E*I]
-            p = solve(sq_dists(fa[i], fb[j]), solver, reg, max_iter)
+            p = solve(sq_dists(fa[i], fb[j]), solver, reg, max_iter, overwrite=True)  # the cost is scratch
             neurons[(i, j)] = p
             cost[i, j] += p.cost * i_size
     experts = solve(cost, solver, reg, max_iter)
