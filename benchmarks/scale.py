@@ -145,8 +145,10 @@ def io_floor(src: Path, dst: Path) -> dict[str, Any]:
 
 # ---- runs (each in a child process, so its peak RSS is its own) ----------------------------------------
 _STREAM = """
-import json, resource, sys, time
+import json, logging, resource, sys, time
 from hf_deepen.streaming import upscale_checkpoint
+logging.basicConfig(format="[child %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+logging.getLogger("hf_deepen.streaming").setLevel(logging.INFO)  # one line per new layer, on stderr
 src, out, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 t0 = time.perf_counter()
 rep = upscale_checkpoint(src, out, overwrite=True, progress=True, **cfg)

@@ -12,6 +12,7 @@ tensor for tensor, to ``DepthUpscaler(model).upscale(...)`` followed by ``save_p
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,8 @@ from .io import atomic_save, model_card, write_json
 from .layouts import build_plan
 from .report import UpscaleReport
 from .surgery import PROVENANCE_KEY, record_provenance, update_config
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 _SKIP_COPY = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.gguf|\.msgpack|\.h5)$|^(config\.json|README\.md)$|safetensors\.index\.json$")
@@ -346,6 +349,9 @@ def upscale_checkpoint(
             timings["align+fuse"] += time.perf_counter() - ta
             report.layers.append({"index": i, "sources": list(s.sources), "method": cfg.method, "diagnostics": res.diagnostics})
             DepthUpscaler._check(res.diagnostics, i, report)
+            d = res.diagnostics
+            logger.info("new layer %d from %s: %.1f s (align %.1f s, fuse %.1f s)", i, list(s.sources),
+                        time.perf_counter() - ta, d.get("seconds_align", 0.0), d.get("seconds_fuse", 0.0))
             tw = time.perf_counter()
             state = res.canon
             res.canon = {}
