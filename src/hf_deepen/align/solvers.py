@@ -126,19 +126,19 @@ class Plan:
         """
         if self.assignment is not None:  # gather first, then widen: one float64 copy, not two
             return x.detach().index_select(dim, self.assignment.to(x.device)).to(torch.float64)
-        P = self.dense.to(x.device)
+        P = self.dense  # computed where the plan is (the GPU, if Sinkhorn ran there), returned to x's device
         n = self.n
         xt = x.detach().movedim(dim, 0)
         shape = xt.shape
-        x2 = xt.reshape(n, -1)
+        x2 = xt.reshape(n, -1).to(P.device)
         if x.dtype in (torch.float16, torch.bfloat16):
-            acc = torch.zeros(x2.shape, dtype=torch.float32, device=x.device)
+            acc = torch.zeros(x2.shape, dtype=torch.float32, device=P.device)
             for i in range(0, n, _BLOCK):
                 acc.addmm_(P[i : i + _BLOCK].T.to(torch.float32), x2[i : i + _BLOCK].to(torch.float32))
-            out = acc.to(torch.float64)
+            out = acc.to(x.device, torch.float64)
             del acc
         else:
-            out = P.T @ x2.to(torch.float64)
+            out = (P.T @ x2.to(torch.float64)).to(x.device)
         return out.mul_(n).reshape(shape).movedim(0, dim)
 
 
