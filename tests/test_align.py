@@ -287,3 +287,47 @@ def test_plan_move_is_the_barycentric_map():
             torch.testing.assert_close(plan.move(x, dim=0), want, rtol=atol, atol=atol)
             y = x.permute(1, 2, 0)  # units last
             torch.testing.assert_close(plan.move(y, dim=2), want.permute(1, 2, 0), rtol=atol, atol=atol)
+
+
+# ---- large exact problems: sparse candidates, certified by LP duality --------------------------------
+def _gauss_cost(n, seed=0, noise=None):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, 16, generator=g, dtype=torch.float64)
+    B = torch.randn(n, 16, generator=g, dtype=torch.float64)
+    if noise is not None:  # B is a noisy shuffle of A
+        B = A[torch.randperm(n, generator=g)] + noise * B
+    return sq_dists(A, B)
+
+
+@pytest.mark.parametrize("noise", [None, 0.3])
+def test_certified_sparse_assignment_is_the_dense_optimum(monkeypatch, noise):
+    from hf_deepen.align import solvers
+
+    M = _gauss_cost(300, noise=noise)
+    dense = solve_exact(M)
+    monkeypatch.setattr(solvers, "SPARSE_MIN_N", 0)
+    monkeypatch.setattr(solvers, "SPARSE_K", 3)  # few candidates: several certification rounds
+    calls = []
+    real = solvers._assignment_certified
+    monkeypatch.setattr(solvers, "_assignment_certified", lambda C: calls.append(real(C)) or calls[-1])
+    sparse = solve_exact(M)
+    assert calls and calls[0] is not None  # certified, not the dense fallback
+    assert sparse.cost == pytest.approx(dense.cost, rel=1e-12)
+    assert torch.equal(sparse.assignment, dense.assignment)  # continuous random costs: a unique optimum
+
+
+def test_certificate_rejects_a_suboptimal_assignment_and_falls_back(monkeypatch):
+    from hf_deepen.align import solvers
+
+    C = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    r, c = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    assert solvers._duals(C, torch.tensor([1, 0]), r, c) is None  # swapping back saves 2: a negative cycle
+    u, v = solvers._duals(C, torch.tensor([0, 1]), r, c)
+    assert bool((C - u[:, None] - v[None, :] >= 0).all())
+    # no full matching among the candidates (every row's and column's cheapest edge touches unit 0)
+    n = 6
+    C = torch.arange(n, dtype=torch.float64)[:, None] + torch.arange(n, dtype=torch.float64)[None, :] ** 1.5
+    monkeypatch.setattr(solvers, "SPARSE_K", 1)
+    assert solvers._assignment_certified(C) is None
+    monkeypatch.setattr(solvers, "SPARSE_MIN_N", 0)
+    assert solve_exact(C).cost == pytest.approx(float(C.diagonal().mean()))  # (any assignment is optimal here)

@@ -7,7 +7,9 @@ distance between unit *i* of the lower layer and unit *j* of the upper layer, fi
 
 * ``solve_exact``: without entropy the optimum is a permutation (Birkhoff); it is found as a linear
   assignment with SciPy's ``linear_sum_assignment`` (the Jonker-Volgenant algorithm, exact), which
-  is what POT's ``emd`` would return here, faster.
+  is what POT's ``emd`` would return here, faster. Large problems (``n >= SPARSE_MIN_N``) are
+  solved on a sparse candidate graph with SciPy's LAPJVsp and *certified* optimal on the full
+  matrix by LP duality, with the dense solver as the fallback (:func:`_assignment_certified`).
 * ``solve_sinkhorn``: entropic OT with POT's Sinkhorn on the cost divided by its mean (so that
   ``reg`` is relative and means the same on every model and dtype) and shifted by its minimum:
   the fast kernel domain when ``exp(-M / reg)`` cannot underflow, else the log domain
@@ -50,6 +52,14 @@ INPLACE_MIN_ENTRIES = 2**25
 
 #: rows per block in the in-place Sinkhorn and in dense plan application (bounds temporaries)
 _BLOCK = 1024
+
+#: exact problems this large are solved on a sparse candidate graph and certified
+#: (:func:`_assignment_certified`); smaller ones by the dense solver directly
+SPARSE_MIN_N = 4096
+#: candidate edges: the ``SPARSE_K`` cheapest per row and per column
+SPARSE_K = 32
+#: certification rounds (each adds the violated edges) before falling back to the dense solver
+SPARSE_ROUNDS = 8
 
 
 @dataclass
@@ -158,16 +168,100 @@ def _finish(P: Tensor, M: Tensor, solver: str) -> Plan:
     )
 
 
+def _duals(C: Tensor, sigma: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Dual potentials ``u, v`` (``u_i + v_j <= C_ij`` on the edges ``(r, c)``, equality on the
+    assignment ``sigma``: row ``i`` -> column ``sigma[i]``), or None if ``sigma`` is not optimal there.
+
+    Node ``p_k`` stands for the matched pair ``(k, sigma[k])``; an edge ``(i, j)`` gives the arc
+    ``p_i -> p_k`` (``j = sigma[k]``) of weight ``C_ij - C_i,sigma(i)``: moving row ``i`` onto ``j``.
+    An optimal ``sigma`` has no negative cycle, and the shortest distances ``d`` from a virtual source
+    joined to every node (Bellman-Ford, vectorised: all arcs relaxed per pass) give ``v_sigma(k) = d_k``,
+    ``u_i = C_i,sigma(i) - v_sigma(i)``.
+    """
+    n = C.shape[0]
+    inv = torch.empty(n, dtype=torch.int64)
+    inv[sigma] = torch.arange(n)
+    base = C[torch.arange(n), sigma]
+    dst, w = inv[c], C[r, c] - base[r]
+    d = torch.zeros(n, dtype=torch.float64)
+    for _ in range(n + 1):
+        nd = d.clone().scatter_reduce_(0, dst, d[r] + w, reduce="amin")
+        if torch.equal(nd, d):
+            v = torch.empty(n, dtype=torch.float64)
+            v[sigma] = d
+            return base - v[sigma], v
+        d = nd
+    return None  # a negative cycle: sigma can be improved on these edges
+
+
+def _assignment_certified(C: Tensor) -> Tensor | None:
+    """The optimal assignment of the dense cost ``C`` (float64, CPU), via a sparse candidate graph.
+
+    1. Candidates: the :data:`SPARSE_K` cheapest edges of every row and of every column.
+    2. Solve the assignment on them with SciPy's LAPJVsp (``min_weight_full_bipartite_matching``).
+    3. Certify on the *full* matrix: dual potentials of the sparse optimum (:func:`_duals`) that are
+       feasible for every entry, ``C_ij - u_i - v_j >= 0``, prove it optimal for the dense problem
+       (LP duality), up to a rounding tolerance of ``2^-40 max |C|`` per entry. Violated entries join
+       the candidates and the sparse problem is solved again.
+
+    Returns the assignment (``sigma[i]``: the column of row ``i``), or None when there is no full
+    matching on the candidates or no certificate after :data:`SPARSE_ROUNDS` rounds (the caller
+    then runs the dense solver). On Llama-8B-shaped random layers it is 4-5 rounds, ~5x faster than
+    the dense solver at n = 8,192 (``benchmarks/README.md``, "Scale").
+    """
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    n = C.shape[0]
+    k = min(SPARSE_K, n)
+    rows = torch.topk(C, k, dim=1, largest=False).indices
+    cols = torch.topk(C, k, dim=0, largest=False).indices
+    r = torch.cat([torch.arange(n).repeat_interleave(k), cols.reshape(-1)])
+    c = torch.cat([rows.reshape(-1), torch.arange(n).repeat(k)])
+    key = torch.unique(r * n + c)
+    shift = float(C.min()) - 1.0  # LAPJVsp reads a zero weight as a missing edge: every weight >= 1
+    tol = 2.0**-40 * float(C.abs().max())
+    for _ in range(SPARSE_ROUNDS):
+        r, c = key // n, key % n
+        graph = csr_array(((C[r, c] - shift).numpy(), (r.numpy(), c.numpy())), shape=(n, n))
+        try:
+            _, col = min_weight_full_bipartite_matching(graph)
+        except ValueError:  # no full matching on the candidates
+            return None
+        sigma = torch.from_numpy(col).to(torch.int64)
+        uv = _duals(C, sigma, r, c)
+        if uv is None:
+            return None
+        u, v = uv
+        bad = []
+        buf = torch.empty(min(_BLOCK, n), n, dtype=torch.float64)
+        for i in range(0, n, _BLOCK):
+            red = torch.sub(C[i : i + _BLOCK], u[i : i + _BLOCK, None], out=buf[: min(_BLOCK, n - i)]).sub_(v)
+            if float(red.min()) < -tol:
+                hit = (red < -tol).nonzero()
+                bad.append((hit[:, 0] + i) * n + hit[:, 1])
+        if not bad:
+            return sigma
+        key = torch.unique(torch.cat([key, *bad]))
+    return None
+
+
 def solve_exact(M: Tensor) -> Plan:
     """Exact OT between uniform clouds: the optimal assignment (entries 0 or 1/n), stored as indices.
 
     SciPy solves in float64 whatever it is given (it copies other dtypes), so the cost matrix is
-    built in float64 upstream and passed without a copy.
+    built in float64 upstream and passed without a copy. From :data:`SPARSE_MIN_N` units the
+    assignment is found on a sparse candidate graph and certified optimal on the whole matrix
+    (:func:`_assignment_certified`), else (or if that fails) by the dense solver.
     """
     n = M.shape[0]
     Mc = M.detach().to("cpu", torch.float64)
-    rows, cols = linear_sum_assignment(Mc.numpy())
-    rows_t, cols_t = torch.from_numpy(rows), torch.from_numpy(cols)
+    sigma = _assignment_certified(Mc) if n >= SPARSE_MIN_N else None
+    if sigma is not None:
+        rows_t, cols_t = torch.arange(n), sigma
+    else:
+        rows, cols = linear_sum_assignment(Mc.numpy())
+        rows_t, cols_t = torch.from_numpy(rows), torch.from_numpy(cols)
     assignment = torch.empty(n, dtype=torch.int64)
     assignment[cols_t] = rows_t
     return Plan(
