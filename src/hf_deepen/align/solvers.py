@@ -215,7 +215,8 @@ def _assignment_certified(C: Tensor) -> Tensor | None:
     n = C.shape[0]
     k = min(SPARSE_K, n)
     rows = torch.topk(C, k, dim=1, largest=False).indices
-    cols = torch.topk(C, k, dim=0, largest=False).indices
+    # per column in blocks of columns (a top-k along dim 0 of the whole matrix may copy it)
+    cols = torch.cat([torch.topk(C[:, j : j + _BLOCK], k, dim=0, largest=False).indices for j in range(0, n, _BLOCK)], dim=1)
     r = torch.cat([torch.arange(n).repeat_interleave(k), cols.reshape(-1)])
     c = torch.cat([rows.reshape(-1), torch.arange(n).repeat(k)])
     key = torch.unique(r * n + c)
