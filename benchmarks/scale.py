@@ -3,7 +3,7 @@
 
 One command::
 
-    python benchmarks/scale.py                          # 8B shape + SmolLM2 (about 40 min on 2 cores)
+    python benchmarks/scale.py                          # 8B shape + SmolLM2 (about 2 hours on 2 cores)
     python benchmarks/scale.py --shapes smollm2         # the real 135M model only (minutes)
     python benchmarks/scale.py --shapes tiny --out /tmp/s --work /tmp/s --no-readme   # seconds (the test)
 
@@ -372,7 +372,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="8b,smollm2", help="comma list of 8b, smollm2, tiny")
     p.add_argument("--methods", default="opt-exact,opt-sinkhorn")
-    p.add_argument("--sinkhorn-layers", type=int, default=2,
+    p.add_argument("--sinkhorn-layers", type=int, default=0,
                    help="8b only: build this many new layers with Sinkhorn instead of all 16 (0 = all)")
     p.add_argument("--exact-layers", type=int, default=0,
                    help="8b only: build this many new layers with the exact solver instead of all 16 (0 = all)")

@@ -138,18 +138,28 @@ class Plan:
             return x.detach().index_select(dim, self.assignment.to(x.device)).to(torch.float64)
         P = self.dense  # computed where the plan is (the GPU, if Sinkhorn ran there), returned to x's device
         n = self.n
-        xt = x.detach().movedim(dim, 0)
-        shape = xt.shape
-        x2 = xt.reshape(n, -1).to(P.device)
+        x = x.detach()
+        last = dim in (-1, x.dim() - 1) and x.dim() > 1
+        # units first (x2 [n, m]: out = P^T x2) or units last (x2 [m, n]: out = x2 P); either way the
+        # result comes out contiguous in x's own layout, so no caller has to copy it again
+        x2 = (x.reshape(-1, n) if last else x.movedim(dim, 0).reshape(n, -1)).to(P.device)
         if x.dtype in (torch.float16, torch.bfloat16):
             acc = torch.zeros(x2.shape, dtype=torch.float32, device=P.device)
             for i in range(0, n, _BLOCK):
-                acc.addmm_(P[i : i + _BLOCK].T.to(torch.float32), x2[i : i + _BLOCK].to(torch.float32))
+                Pb = P[i : i + _BLOCK].to(torch.float32)
+                if last:
+                    acc.addmm_(x2[:, i : i + _BLOCK].to(torch.float32), Pb)
+                else:
+                    acc.addmm_(Pb.T, x2[i : i + _BLOCK].to(torch.float32))
             out = acc.to(x.device, torch.float64)
             del acc
         else:
-            out = (P.T @ x2.to(torch.float64)).to(x.device)
-        return out.mul_(n).reshape(shape).movedim(0, dim)
+            x64 = x2.to(torch.float64)
+            out = (x64 @ P if last else P.T @ x64).to(x.device)
+        out.mul_(n)
+        if last:
+            return out.reshape(x.shape)
+        return out.reshape(x.movedim(dim, 0).shape).movedim(0, dim)
 
 
 def _finish(P: Tensor, M: Tensor, solver: str) -> Plan:
@@ -221,7 +231,7 @@ def _assignment_certified(C: Tensor) -> Tensor | None:
     c = torch.cat([rows.reshape(-1), torch.arange(n).repeat(k)])
     key = torch.unique(r * n + c)
     shift = float(C.min()) - 1.0  # LAPJVsp reads a zero weight as a missing edge: every weight >= 1
-    tol = 2.0**-40 * float(C.abs().max())
+    tol = 2.0**-40 * max(abs(float(C.max())), abs(float(C.min())))  # (C.abs() would copy the matrix)
     for _ in range(SPARSE_ROUNDS):
         r, c = key // n, key % n
         graph = csr_array(((C[r, c] - shift).numpy(), (r.numpy(), c.numpy())), shape=(n, n))

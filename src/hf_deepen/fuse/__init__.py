@@ -95,11 +95,12 @@ def _norm_target(r: str, a: Tensor, b: Tensor) -> Tensor | None:
     return 0.5 * (a.norm(dim=dim, keepdim=True) + b.norm(dim=dim, keepdim=True))
 
 
-def _restore(r: str, f: Tensor, target: Tensor | None) -> Tensor:
+def _restore(r: str, f: Tensor, target: Tensor | None, inplace: bool = False) -> Tensor:
     if target is None:
         return f
     have = f.norm(dim=-1 if r in _ROW_ROLES else -2, keepdim=True)
-    return f * torch.where(have > 0, target / have.clamp_min(1e-30), torch.ones_like(have))
+    scale = torch.where(have > 0, target / have.clamp_min(1e-30), torch.ones_like(have))
+    return f.mul_(scale) if inplace else f * scale
 
 
 def restore_norms(fused: dict[str, Tensor], a: Canon, b: Canon) -> None:
@@ -143,7 +144,7 @@ def _fuse_roles(
         del a_r, b_r
         if r in _MATRICES:
             num += float(f.norm())
-        fused[r] = _restore(r, f, target).to(dtype)
+        fused[r] = _restore(r, f, target, inplace=True).to(dtype)  # f is ours: no second float64 copy
         del f
     diag = {"retained_norm": num / den if den > 0 else 1.0}
     if align is not None:
