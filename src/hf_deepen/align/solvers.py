@@ -84,7 +84,10 @@ class Plan:
     solver:
         ``"exact"``, ``"sinkhorn"`` (kernel domain) or ``"sinkhorn_log"``.
     dense:
-        ``[n, n]`` float64 plan with marginals ``1/n`` (Sinkhorn), else ``None``.
+        ``[n, n]`` plan with marginals ``1/n`` (Sinkhorn), else ``None``: float64, or float32 for a
+        problem solved in place (above :data:`INPLACE_MIN_ENTRIES`; half the memory while the
+        layer is fused: an entry is ~``1/n**2`` and keeps 7 significant digits, and the
+        diagnostics are computed in float64 before rounding).
     assignment:
         ``[n]`` int64: upper unit ``j`` receives lower unit ``assignment[j]`` (exact), else ``None``.
     """
@@ -143,19 +146,16 @@ class Plan:
         # units first (x2 [n, m]: out = P^T x2) or units last (x2 [m, n]: out = x2 P); either way the
         # result comes out contiguous in x's own layout, so no caller has to copy it again
         x2 = (x.reshape(-1, n) if last else x.movedim(dim, 0).reshape(n, -1)).to(P.device)
-        if x.dtype in (torch.float16, torch.bfloat16):
-            acc = torch.zeros(x2.shape, dtype=torch.float32, device=P.device)
-            for i in range(0, n, _BLOCK):
-                Pb = P[i : i + _BLOCK].to(torch.float32)
-                if last:
-                    acc.addmm_(x2[:, i : i + _BLOCK].to(torch.float32), Pb)
-                else:
-                    acc.addmm_(Pb.T, x2[i : i + _BLOCK].to(torch.float32))
-            out = acc.to(x.device, torch.float64)
-            del acc
-        else:
-            x64 = x2.to(torch.float64)
-            out = (x64 @ P if last else P.T @ x64).to(x.device)
+        cdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else torch.float64
+        acc = torch.zeros(x2.shape, dtype=cdt, device=P.device)
+        for i in range(0, n, _BLOCK):  # over row blocks of the plan: no full-size converted copy
+            Pb = P[i : i + _BLOCK].to(cdt)
+            if last:
+                acc.addmm_(x2[:, i : i + _BLOCK].to(cdt), Pb)
+            else:
+                acc.addmm_(Pb.T, x2[i : i + _BLOCK].to(cdt))
+        out = acc.to(x.device, torch.float64)
+        del acc
         out.mul_(n)
         if last:
             return out.reshape(x.shape)
@@ -307,10 +307,11 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float) -> Plan:
     """:func:`solve_sinkhorn` for large problems, overwriting ``M`` (float64, ``[n, n]``).
 
     The same normalisation and the same two algorithms (POT's iteration order and stopping rule),
-    written so that the only ``n x n`` buffer is ``M`` itself: it becomes the kernel
-    ``exp(-M / reg)`` (or ``-M / reg`` for the log domain), then the plan, in place; every other
-    temporary is a vector or a block of rows. At Llama-3.1-8B's 14,336 neurons that is one 1.6 GB
-    matrix, where POT's ``sinkhorn`` holds about five (``benchmarks/README.md``, "Scale").
+    written so that the only ``n x n`` buffers are ``M`` itself, which becomes the kernel
+    ``exp(-M / reg)`` (or ``-M / reg`` for the log domain) in place, and the float32 plan; every
+    other temporary is a vector or a block of rows. At Llama-3.1-8B's 14,336 neurons that is
+    1.6 + 0.8 GB, and 0.8 GB once the caller drops ``M``, where POT's ``sinkhorn`` holds about
+    five 1.6 GB matrices (``benchmarks/README.md``, "Scale").
     """
     n = M.shape[0]
     identity = float(torch.diagonal(M).mean())
@@ -343,7 +344,8 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float) -> Plan:
             f = la - _row_lse(logK, g)
             if it % 10 == 0 and float((torch.exp(_col_lse(logK, f) + g) - a).norm()) < stop:
                 break
-    # the plan, block by block in place of the kernel, with its diagnostics
+    # the plan, block by block, with its diagnostics in float64; stored in float32 (see Plan.dense)
+    P = torch.empty(n, n, dtype=torch.float32, device=M.device)
     rows = torch.empty(n, dtype=torch.float64, device=M.device)
     cols = torch.zeros(n, dtype=torch.float64, device=M.device)
     colmax = torch.zeros(n, dtype=torch.float64, device=M.device)
@@ -359,7 +361,7 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float) -> Plan:
         rows[i : i + _BLOCK] = Pb.sum(dim=1)
         cols += Pb.sum(dim=0)
         colmax = torch.maximum(colmax, Pb.amax(dim=0))
-        blk.copy_(Pb)
+        P[i : i + _BLOCK] = Pb
         del Pb
     total = float(rows.sum())
     return Plan(
@@ -368,7 +370,7 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float) -> Plan:
         marginal_error=max(float((rows * n - 1).abs().max()), float((cols * n - 1).abs().max())),
         sharpness=float(colmax.mean() * n),
         solver=name,
-        dense=M,
+        dense=P,
     )
 
 
