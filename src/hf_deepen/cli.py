@@ -28,7 +28,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=METHODS, default=S,
                    help="opt: OpT-DeUS (OT-aligned average of the two neighbours; default); avg: plain average;"
                         " copy: LLaMA Pro copy of the layer below; solar: SOLAR DUS")
-    g.add_argument("--solver", choices=SOLVERS, default=S, help="OT solver for --method opt (default: exact)")
+    g.add_argument("--solver", choices=SOLVERS, default=S, help="OT solver for --method opt: exact (optimal assignment; default) or sinkhorn (entropic, soft plan)")
     g.add_argument("--align-on", choices=ALIGN_ON, default=S,
                    help="what OT compares: weights (default) or activations on --calibration text")
     g.add_argument("--calibration-tokens", type=int, default=S,

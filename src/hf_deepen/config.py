@@ -37,9 +37,10 @@ class UpscaleConfig:
         expansion, a copy of the layer below. ``"solar"``: SOLAR depth up-scaling, two truncated
         copies of the whole stack concatenated (never function preserving).
     solver:
-        OT solver for ``method="opt"``: ``"exact"`` (an assignment problem, solved exactly) or
+        OT solver for ``method="opt"``: ``"exact"`` (an assignment problem, solved exactly; from
+        4,096 units on a sparse candidate graph, certified optimal by LP duality) or
         ``"sinkhorn"`` (entropic OT, kernel domain when it cannot underflow, else log domain, applied
-        as a barycentric map).
+        as a barycentric map; in place for large problems).
     align_on:
         What OT compares for ``method="opt"``: ``"weights"`` (the units' parameters, the paper's
         choice; default) or ``"activations"`` (what the units compute on calibration text passed to
