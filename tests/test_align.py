@@ -337,6 +337,9 @@ def test_certificate_rejects_a_suboptimal_assignment_and_falls_back(monkeypatch)
     assert solvers._duals(C, torch.tensor([1, 0]), r, c) is None  # swapping back saves 2: a negative cycle
     u, v = solvers._duals(C, torch.tensor([0, 1]), r, c)
     assert bool((C - u[:, None] - v[None, :] >= 0).all())
+    monkeypatch.setattr(solvers, "SPARSE_MAX_PASSES", 0)  # out of passes: no certificate, never a wrong one
+    assert solvers._duals(C, torch.tensor([0, 1]), r, c) is None
+    monkeypatch.undo()
     # no full matching among the candidates (every row's and column's cheapest edge touches unit 0)
     n = 6
     C = torch.arange(n, dtype=torch.float64)[:, None] + torch.arange(n, dtype=torch.float64)[None, :] ** 1.5

@@ -67,6 +67,9 @@ SPARSE_MIN_N = 4096
 SPARSE_K = 32
 #: certification rounds (each adds the violated edges) before falling back to the dense solver
 SPARSE_ROUNDS = 8
+#: Bellman-Ford passes for the dual potentials before falling back (typically 100-250 at n = 14,336;
+#: the cap bounds a pathological case at seconds, and the fallback is exact anyway)
+SPARSE_MAX_PASSES = 2000
 
 
 @dataclass
@@ -194,7 +197,7 @@ def _duals(C: Tensor, sigma: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, Tens
     ``p_i -> p_k`` (``j = sigma[k]``) of weight ``C_ij - C_i,sigma(i)``: moving row ``i`` onto ``j``.
     An optimal ``sigma`` has no negative cycle, and the shortest distances ``d`` from a virtual source
     joined to every node (Bellman-Ford, vectorised: all arcs relaxed per pass) give ``v_sigma(k) = d_k``,
-    ``u_i = C_i,sigma(i) - v_sigma(i)``.
+    ``u_i = C_i,sigma(i) - v_sigma(i)``. None also after :data:`SPARSE_MAX_PASSES` passes.
     """
     n = C.shape[0]
     inv = torch.empty(n, dtype=torch.int64)
@@ -202,14 +205,14 @@ def _duals(C: Tensor, sigma: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, Tens
     base = C[torch.arange(n), sigma]
     dst, w = inv[c], C[r, c] - base[r]
     d = torch.zeros(n, dtype=torch.float64)
-    for _ in range(n + 1):
+    for _ in range(min(n + 1, SPARSE_MAX_PASSES)):
         nd = d.clone().scatter_reduce_(0, dst, d[r] + w, reduce="amin")
         if torch.equal(nd, d):
             v = torch.empty(n, dtype=torch.float64)
             v[sigma] = d
             return base - v[sigma], v
         d = nd
-    return None  # a negative cycle: sigma can be improved on these edges
+    return None  # a negative cycle (sigma can be improved on these edges), or the pass cap
 
 
 def _assignment_certified(C: Tensor) -> Tensor | None:
