@@ -120,7 +120,8 @@ class Plan:
 
     @property
     def matrix(self) -> Tensor:
-        """``[n, n]`` float64, marginals ``1/n`` (exactly for the exact solver)."""
+        """``[n, n]``, marginals ``1/n`` (exactly for the exact solver); the dtype of ``dense``, float64
+        for an exact plan."""
         if self.dense is not None:
             return self.dense
         n = self.n
@@ -237,13 +238,14 @@ def _assignment_certified(C: Tensor) -> Tensor | None:
     k = min(SPARSE_K, n)
     rows = torch.topk(C, k, dim=1, largest=False).indices
     # per column in blocks of columns (a top-k along dim 0 of the whole matrix may copy it)
-    step = _rows(n)
+    step = _rows(n)  # rows (or columns) per block: bounds every temporary below
     cols = torch.cat([torch.topk(C[:, j : j + step], k, dim=0, largest=False).indices for j in range(0, n, step)], dim=1)
     r = torch.cat([torch.arange(n).repeat_interleave(k), cols.reshape(-1)])
     c = torch.cat([rows.reshape(-1), torch.arange(n).repeat(k)])
     key = torch.unique(r * n + c)
     shift = float(C.min()) - 1.0  # LAPJVsp reads a zero weight as a missing edge: every weight >= 1
     tol = 2.0**-40 * max(abs(float(C.max())), abs(float(C.min())))  # (C.abs() would copy the matrix)
+    buf = torch.empty(step, n, dtype=torch.float64)  # reduced costs of one block of rows
     for _ in range(SPARSE_ROUNDS):
         r, c = key // n, key % n
         graph = csr_array(((C[r, c] - shift).numpy(), (r.numpy(), c.numpy())), shape=(n, n))
@@ -257,8 +259,6 @@ def _assignment_certified(C: Tensor) -> Tensor | None:
             return None
         u, v = uv
         bad = []
-        step = _rows(n)
-        buf = torch.empty(step, n, dtype=torch.float64)
         for i in range(0, n, step):
             red = torch.sub(C[i : i + step], u[i : i + step, None], out=buf[: min(step, n - i)]).sub_(v)
             if float(red.min()) < -tol:
@@ -296,6 +296,21 @@ def solve_exact(M: Tensor) -> Plan:
         solver="exact",
         assignment=assignment,
     )
+
+
+def _kernel_scalings(K: Tensor, max_iter: int, stop: float) -> tuple[Tensor, Tensor]:
+    """Kernel-domain Sinkhorn scalings ``u, v`` for ``K`` ``[..., n, n]`` and uniform marginals ``1/n``,
+    in POT's order (``v`` then ``u``), stopping when every problem's column-marginal error (checked
+    every 10 iterations) is below ``stop``: the plan is ``u[..., :, None] * K * v[..., None, :]``."""
+    a = 1.0 / K.shape[-1]
+    u = torch.full(K.shape[:-1], a, dtype=K.dtype, device=K.device)
+    v = u.clone()
+    for it in range(max_iter):
+        v = a / torch.einsum("...ij,...i->...j", K, u)
+        u = a / torch.einsum("...ij,...j->...i", K, v)
+        if it % 10 == 0 and float((torch.einsum("...ij,...i->...j", K, u) * v - a).norm(dim=-1).max()) < stop:
+            break
+    return u, v
 
 
 def _col_lse(logK: Tensor, f: Tensor) -> Tensor:
@@ -338,14 +353,7 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float) -> Plan:
     stop = tol / n
     if float(M.max()) / reg < KERNEL_MAX_RANGE:
         name = "sinkhorn"
-        K = M.mul_(-1.0 / reg).exp_()
-        u = torch.full((n,), a, dtype=torch.float64, device=M.device)
-        v = u.clone()
-        for it in range(max_iter):
-            v = a / (u @ K)
-            u = a / (K @ v)
-            if it % 10 == 0 and float(((u @ K) * v - a).norm()) < stop:
-                break
+        u, v = _kernel_scalings(M.mul_(-1.0 / reg).exp_(), max_iter, stop)  # M is now the kernel
         logK = None
     else:
         name = "sinkhorn_log"
@@ -452,13 +460,7 @@ def solve_sinkhorn_batch(Ms: Tensor, reg: float = 0.01, max_iter: int = 3000, to
     if bool((Mn.amax(dim=(1, 2)) / reg < KERNEL_MAX_RANGE).all()):
         name = "sinkhorn"
         K = torch.exp(-Mn / reg)
-        u = torch.full((B, n), 1.0 / n, dtype=torch.float64, device=Mn.device)
-        v = u.clone()
-        for it in range(max_iter):
-            v = (1.0 / n) / torch.einsum("bij,bi->bj", K, u)
-            u = (1.0 / n) / torch.einsum("bij,bj->bi", K, v)
-            if it % 10 == 0 and float((torch.einsum("bi,bij,bj->bj", u, K, v) - 1.0 / n).norm(dim=1).max()) < stop:
-                break
+        u, v = _kernel_scalings(K, max_iter, stop)
         P = u[:, :, None] * K * v[:, None, :]
     else:
         name = "sinkhorn_log"
