@@ -144,7 +144,7 @@ def _recover_stale(out: Path) -> None:
         if p.name.startswith(f".{out.name}.partial-") and p.is_dir():
             size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
             shutil.rmtree(p, ignore_errors=True)
-            logger.warning("removed %s (%.2f GB), left by an interrupted run writing %s", p, size / 1e9, out)
+            logger.warning("removed %s (%s), left by an interrupted run writing %s", p, _size(size), out)
         elif p.name.startswith(f".{out.name}.old-") and p.is_dir():
             if not out.exists():
                 p.rename(out)
@@ -162,6 +162,10 @@ _OUTPUT_FIXES = {
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
 }
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _free_bytes(path: Path) -> int:
@@ -183,12 +187,15 @@ def output_error(e: BaseException, out: Path, written: int = 0, need_bytes: int 
         return None
     where = out.parent.resolve()
     if code in (errno.ENOSPC, errno.EDQUOT):
-        free = _free_bytes(where)
-        short = (need_bytes - free) if need_bytes and need_bytes > free else max(written, 1)
+        free = _free_bytes(where)  # after the partial output was removed
+        if need_bytes:
+            what = f"it needs about {_size(need_bytes)}, {_size(free)} free at {where}"
+            fix = f"free {_size(need_bytes - free)} there" if need_bytes > free else "free space there"
+        else:
+            what = f"{_size(written)} written before it filled, {_size(free)} free now at {where}"
+            fix = "free space there"
         return OutputError(
-            f"{_OUTPUT_FIXES[code]} writing {out} (after {written / 1e9:.2f} GB; {free / 1e9:.2f} GB free now):"
-            f" free {short / 1e9:.2f} GB{'' if need_bytes else ' or more'} at {where} or choose another --out;"
-            " the partial output was removed"
+            f"{_OUTPUT_FIXES[code]} writing {out} ({what}): {fix} or choose another --out; the partial output was removed"
         )
     return OutputError(f"cannot write {out}: {_OUTPUT_FIXES[code]} at {where}: choose a writable --out")
 
@@ -219,8 +226,8 @@ def atomic_save(out: str | os.PathLike, write: Any, overwrite: bool = False, nee
                 free = _free_bytes(out.parent)
                 if free < need_bytes:
                     raise OutputError(
-                        f"{out} needs about {need_bytes / 1e9:.2f} GB, {out.parent.resolve()} has {free / 1e9:.2f} GB free:"
-                        f" free {(need_bytes - free) / 1e9:.2f} GB there or choose another --out"
+                        f"{out} needs about {_size(need_bytes)}, {out.parent.resolve()} has {_size(free)} free:"
+                        f" free {_size(need_bytes - free)} there or choose another --out"
                     )
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
             try:
