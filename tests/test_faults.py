@@ -233,14 +233,15 @@ def _start(base: Path, out: Path) -> subprocess.Popen:
     return p
 
 
-def test_sigterm_removes_partial_output(base, tmp_path):
+@pytest.mark.parametrize("sig, rc, said", [(signal.SIGTERM, 143, "interrupted by SIGTERM"), (signal.SIGINT, 130, "interrupted")])
+def test_signal_removes_partial_output(base, tmp_path, sig, rc, said):
     h = tree_hash(base)
     out = tmp_path / "out"
     p = _start(base, out)
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=60) == 143
+    p.send_signal(sig)
+    assert p.wait(timeout=60) == rc
     err = p.stderr.read().strip().splitlines()
-    assert err[-1] == "hf-deepen: interrupted by SIGTERM; partial output removed", err
+    assert err[-1] == f"hf-deepen: {said}; partial output removed", err
     assert leftovers(out) == [] and tree_hash(base) == h
 
 
