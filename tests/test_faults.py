@@ -119,6 +119,24 @@ def test_missing_index_entry_and_missing_shard(base, tmp_path):
     assert leftovers(tmp_path / "out") == []
 
 
+def test_shapes_disagree_with_config(base, tmp_path):
+    d = broken_copy(base, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 4}))  # q_proj has 8 heads' rows
+    h = tree_hash(d)
+    for run in (lambda: DepthUpscaler.from_pretrained(d), lambda: upscale_checkpoint(d, tmp_path / "out")):
+        with pytest.raises(CheckpointError, match=r"layer 0's self_attn\.q_proj\.weight has shape \[128, 64\] where"
+                                                  r" config\.json \(heads=4, .*implies 64 along dim 0"):
+            run()
+    assert tree_hash(d) == h and leftovers(tmp_path / "out") == []
+
+
+def test_hub_id_not_cached_is_one_line(tmp_path, capsys):
+    assert main(["upscale", "no-such-org/no-such-model", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "--debug" in one_line_error(capsys)
+    assert leftovers(tmp_path / "out") == []
+
+
 @pytest.mark.parametrize("path", ["memory", "streaming"])
 def test_nan_weights_name_the_tensor(tmp_path, path):
     model = tiny_model("gqa")

@@ -204,12 +204,13 @@ def _run(args: argparse.Namespace) -> int:
 def _upscale(args: argparse.Namespace) -> int:
     import yaml
 
-    from .io import check_output_dir
+    from .io import check_output_dir, check_output_writable
     from .upscaler import DepthUpscaler
 
     run = resolve_run(args)
     cfg = UpscaleConfig.from_dict({k: run[k] for k in CONFIG_KEYS if k in run})  # validate before loading
     check_output_dir(run["out"], run["overwrite"])
+    check_output_writable(run["out"])  # read-only, or another run writing it: before loading anything
     resolved = {**{k: run[k] for k in RUN_DEFAULTS}, **{k: v for k, v in cfg.to_dict().items() if k != "version"}}
     extra = {"hf_deepen_run.yaml": yaml.safe_dump(resolved, sort_keys=False)}
     if run["streaming"]:

@@ -133,6 +133,28 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
+def check_output_writable(out: str | os.PathLike) -> None:
+    """Fail now, before any work, if ``out`` cannot be written: its parent is read-only or not
+    writable, or another run holds its lock (checked again when the output is written)."""
+    out = Path(out)
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
+    if parent is None:
+        return
+    try:
+        if parent == out.parent:
+            with output_lock(out):
+                pass
+        else:  # the directories to create: probe the deepest existing one
+            tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OutputError:
+        raise
+    except OSError as e:
+        mapped = output_error(e, out)
+        if mapped is not None:
+            raise mapped from None
+        raise
+
+
 def _recover_stale(out: Path) -> None:
     """Clean up after runs of the same output that died (``kill -9``, power loss); call with the
     lock held, so no live run owns what is found. A ``.OUT.partial-*`` directory is removed; a
