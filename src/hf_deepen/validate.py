@@ -93,12 +93,16 @@ def check_checkpoint(directory: str | os.PathLike, config: Any = None) -> dict[s
     files = sorted(p.name for p in d.glob("*.safetensors"))
     if not files and not index.exists():
         return {}
-    headers = {f: read_header(d / f)[0] for f in files}
+    weight_map = None
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid index ({type(e).__name__}: {e}): {_REFETCH}") from None
+    # only the files transformers reads (not a stray consolidated.safetensors next to the shards)
+    used = set(weight_map.values()) if weight_map is not None else {"model.safetensors"}
+    headers = {f: read_header(d / f)[0] for f in files if f in used}
+    if weight_map is not None:
         for name, shard in weight_map.items():
             if shard not in headers:
                 raise CheckpointError(
@@ -118,10 +122,8 @@ def check_checkpoint(directory: str | os.PathLike, config: Any = None) -> dict[s
         entries = {name: headers[shard][name] for name, shard in weight_map.items()}
     elif "model.safetensors" in headers:
         entries = headers["model.safetensors"]
-    else:
-        raise CheckpointError(
-            f"{d} holds {', '.join(files)} but neither model.safetensors nor {WEIGHTS_INDEX}: download the index"
-        )
+    else:  # other safetensors files (an adapter, consolidated.safetensors): the loader decides
+        return {}
     if config is not None:
         _check_layer_shapes(entries, config, d)
     return entries
@@ -243,7 +245,7 @@ def preflight(source: str | os.PathLike, **load_kwargs: Any) -> str | Path:
     """:func:`check_source`, then :func:`check_checkpoint` (with the config's shapes) when ``source``
     is a local safetensors directory; returns what to hand to ``from_pretrained``."""
     src = check_source(source)
-    if isinstance(src, Path) and not load_kwargs.get("gguf_file"):
+    if isinstance(src, Path) and not load_kwargs.get("gguf_file") and not load_kwargs.get("subfolder"):
         kw = {k: load_kwargs[k] for k in ("trust_remote_code",) if k in load_kwargs}
         config = load_config(src, **kw) if (src / "config.json").exists() else None
         check_checkpoint(src, config)
