@@ -283,6 +283,20 @@ def test_second_run_then_kill_9_then_rerun(base, tmp_path, caplog):
     assert (out / "model.safetensors.index.json").exists() and tree_hash(base) == h
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_stop_on_signals_raises_interrupted_and_restores(sig):
+    from hf_deepen import Interrupted
+
+    before = signal.getsignal(sig)
+    with pytest.raises(Interrupted) as e:
+        with hio.stop_on_signals():
+            os.kill(os.getpid(), sig)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+    assert e.value.signum == sig and isinstance(e.value, KeyboardInterrupt)
+    assert signal.getsignal(sig) is before
+
+
 def test_interrupted_replace_is_restored(tmp_path):
     out = tmp_path / "out"
     old = tmp_path / ".out.old-12345"  # a replace killed between its two renames

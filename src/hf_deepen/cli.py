@@ -224,6 +224,8 @@ def _upscale(args: argparse.Namespace) -> int:
         kwargs = {k: v for k, v in (("gguf_file", run["gguf_file"]), ("revision", run["revision"]),
                                     ("dtype", _dtype(run["dtype"]))) if v is not None}
         calibration = _read_text(run["calibration"]) if run["calibration"] else None
+        if cfg.align_on == "activations" and calibration is None:
+            raise DeepenError("--align-on activations needs calibration text: pass --calibration FILE (or 'pydoc')")
         from .validate import check_plan, check_source, load_config
 
         source = check_source(run["model"])  # then the plan, from the config alone: before any weight is read
