@@ -85,6 +85,7 @@ def record_provenance(
             "method": cfg.method,
             "solver": cfg.solver if cfg.method == "opt" else None,
             "layout": plan.layout,
+            **({"layout_reason": plan.reason} if plan.reason else {}),
             "new_layer_indices": plan.new_layer_indices,
             "sources": {str(i): list(plan.layers[i].sources) for i in plan.new_layer_indices},
             "function_preserving": spec.preserves_function(cfg, config),
