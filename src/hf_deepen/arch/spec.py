@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -142,6 +142,10 @@ class ArchSpec:
     notes: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    #: the config field holding the KV head count; None for families without grouped-query
+    #: attention (GPT-2, OPT, GPT-NeoX), where a stray ``num_key_value_heads`` must not be read
+    KV_HEADS_FIELD: ClassVar[str | None] = "num_key_value_heads"
+
     # ---- binding to one model -----------------------------------------------------------
     def bind(self, config: Any) -> "ArchSpec":
         """The spec for one model with this ``config`` (default: ``self``).
@@ -211,7 +215,7 @@ class ArchSpec:
     # ---- geometry -------------------------------------------------------------------------
     def head_shape(self, config: Any) -> HeadShape:
         heads = config.num_attention_heads
-        kv = getattr(config, "num_key_value_heads", None) or heads
+        kv = (getattr(config, self.KV_HEADS_FIELD, None) if self.KV_HEADS_FIELD else None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         if heads % kv:
             raise UnsupportedArchitectureError(
