@@ -94,7 +94,7 @@ class DepthUpscaler:
     # ---- planning ---------------------------------------------------------------------------
     def _layers(self) -> torch.nn.ModuleList:
         layers = get_module(self.model, self.spec.layers_path)
-        n_cfg = self.model.config.num_hidden_layers
+        n_cfg = self.spec.num_layers(self.model.config)
         if len(layers) != n_cfg:
             raise UnsupportedModelError(
                 f"the model has {len(layers)} decoder layers but config.num_hidden_layers={n_cfg}: fix the config"
