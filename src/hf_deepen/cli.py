@@ -37,7 +37,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                    help=f"entropic regularisation relative to the mean cost (default: {d.sinkhorn_reg})")
     g.add_argument("--sinkhorn-max-iter", type=int, default=S, help=f"default: {d.sinkhorn_max_iter}")
     g.add_argument("--layout", choices=[l for l in LAYOUTS if l not in ("positions", "solar")], default=S,
-                   help="top (paper default: interleave the top half), middle, bottom, uniform")
+                   help="top (paper default: interleave the top half), middle, bottom, uniform, auto (spread along"
+                        " how much each layer changes the hidden state on --calibration text, default pydoc topics)")
     g.add_argument("--num-layers", type=int, default=S, help="target depth (default: L + L//2, e.g. 30 -> 45)")
     g.add_argument("--positions", type=_positions, default=S,
                    help="explicit comma-separated positions: a new layer after base layer p (built from p and p+1)")
@@ -129,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                         " for Llama-3.1-8B with the exact solver)")
     u.add_argument("--max-shard-size", default=None, help="output shard size for --streaming (default 2GB)")
     u.add_argument("--calibration", default=None,
-                   help="plain text file for --align-on activations; 'pydoc' uses CPython's pydoc_data topics")
+                   help="plain text file for --align-on activations or --layout auto; 'pydoc' uses CPython's"
+                        " pydoc_data topics")
     u.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_config_options(u)
 

@@ -46,7 +46,12 @@ def get_spec(model: torch.nn.Module) -> ArchSpec:
     model_type = getattr(config, "model_type", None)
     if model_type in _SPECS:
         return _SPECS[model_type].bind(config)
-    return _infer_spec(model, model_type)
+    try:
+        return _infer_spec(model, model_type)
+    except UnsupportedArchitectureError as why:  # not Llama-shaped: find the structure by probing
+        from .discover import discover_spec
+
+        return discover_spec(model, why)
 
 
 def _infer_spec(model: torch.nn.Module, model_type: str | None) -> ArchSpec:
