@@ -145,7 +145,10 @@ def _check_layer_shapes(entries: Mapping[str, dict[str, Any]], config: Any, wher
             layers.setdefault(int(m.group(1)), {})[m.group(2)] = e["shape"]
     if not layers:
         return
-    n = getattr(config, "num_hidden_layers", None)
+    try:
+        n = spec.num_layers(config)
+    except AttributeError:
+        return
     if n is not None and sorted(layers) != list(range(n)):
         raise CheckpointError(
             f"{where}: tensors for layers {_ranges(sorted(layers))}, but config.json says num_hidden_layers={n}:"
@@ -201,22 +204,24 @@ def load_config(source: str | Path, **kwargs: Any) -> Any:
 
 def check_plan(config: Any, cfg: Any) -> Any:
     """Build the depth plan of ``cfg`` (an :class:`~hf_deepen.UpscaleConfig`) for a model with this
-    ``config`` and run the family's checks on it, reading no weight. Returns the plan; raises
+    ``config`` and run the family's checks on it, reading no weight. Returns the plan (None for a
+    model_type without a named spec, checked when the model is loaded); raises
     :class:`~hf_deepen.PlanError` / :class:`~hf_deepen.ConfigError` /
     :class:`~hf_deepen.UnsupportedArchitectureError` as the real run would."""
     from .arch.registry import _SPECS
     from .layouts import build_plan
 
-    plan = build_plan(config.num_hidden_layers, cfg)
     spec = _SPECS.get(getattr(config, "model_type", None))
-    if spec is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the real run warns once
-            spec = spec.bind(config)
-            spec.head_shape(config)
-        if cfg.zero_init:
-            spec.zero_target(cfg.zero_target)
-        spec.check_plan(plan, config)
+    if spec is None:  # a family found by probing the model: its checks run when it is loaded
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the real run warns once
+        spec = spec.bind(config)
+        spec.head_shape(config)
+    plan = build_plan(spec.num_layers(config), cfg)
+    if cfg.zero_init:
+        spec.zero_target(cfg.zero_target)
+    spec.check_plan(plan, config)
     return plan
 
 
