@@ -69,16 +69,24 @@ class UnitGroup:
         return out
 
 
+def _split(block: int) -> tuple[int, int]:
+    """An entry's ``block``: ``b > 0`` contiguous blocks of ``b``; ``-c``: ``c`` equal chunks (``[gate; up]``)
+    whose ``i``-th rows together form unit ``i``."""
+    return (1, block) if block > 0 else (-block, 1)
+
+
 def _to_units(x: Tensor, dim: int, block: int) -> Tensor:
-    n = x.shape[dim] // block
-    y = x.reshape(*x.shape[:dim], n, block, *x.shape[dim + 1 :]).movedim(dim, 0)
+    c, b = _split(block)
+    n = x.shape[dim] // (b * c)
+    y = x.reshape(*x.shape[:dim], c, n, b, *x.shape[dim + 1 :]).movedim(dim + 1, 0)
     return y.reshape(n, -1)
 
 
 def _from_units(u: Tensor, shape: torch.Size, dim: int, block: int) -> Tensor:
-    n = shape[dim] // block
-    moved = (n, *shape[:dim], block, *shape[dim + 1 :])
-    return u.reshape(moved).movedim(0, dim).reshape(shape)
+    c, b = _split(block)
+    n = shape[dim] // (b * c)
+    moved = (n, *shape[:dim], c, b, *shape[dim + 1 :])
+    return u.reshape(moved).movedim(0, dim + 1).reshape(shape)
 
 
 def features(state: Mapping[str, Tensor], g: UnitGroup) -> Tensor:
@@ -169,17 +177,6 @@ class DiscoveredSpec(ArchSpec):
         facts = self.bound
         return {k: 0.0 for k in (facts.writers or ())} if facts else {}
 
-    def check_plan(self, plan: Any, config: Any) -> None:
-        sigs = self.layer_signatures
-        for i, s in enumerate(plan.layers):
-            if s.kind != "new" or len(s.sources) < 2 or not sigs:
-                continue
-            a, b = s.sources[:2]
-            if sigs[a] != sigs[b]:
-                raise UnsupportedArchitectureError(
-                    f"{self.name}: new layer {i} would fuse layers {a} and {b}, whose tensors differ (a hybrid stack:"
-                    " different mixers per layer); use method='copy' or 'solar', or positions= between layers of one kind"
-                )
 
     def update_layer_config(self, config: Any, sources: list[int]) -> tuple[str, ...]:
         owned = []
@@ -193,9 +190,10 @@ class DiscoveredSpec(ArchSpec):
 
     def make_layer(self, method: str, sources: list[Mapping[str, Tensor]], shape: HeadShape, cfg: Any,
                    zero: Mapping[str, float] | None = None, dtype: torch.dtype = torch.float64, **context: Any):
-        from ..align.solvers import solve
-        from ..fuse import FusionResult, make_layer
+        from ..fuse import make_layer
 
+        if len(sources) == 2 and signature(sources[0]) != signature(sources[1]):
+            return self._fuse_mixed(method, sources, cfg, zero, dtype)
         if method != "opt":
             return make_layer(method, sources, shape, cfg, zero, dtype=dtype, **context)
         if context.get("costs") is not None:
@@ -209,22 +207,61 @@ class DiscoveredSpec(ArchSpec):
                 f"{self.name}: OT fusion has no unit whose permutation provably leaves this block unchanged ({why});"
                 " use method='avg' or 'copy'"
             )
+        return self._fuse(sources, cfg, zero, dtype, facts.groups, facts.refused)
+
+    def _fuse_mixed(self, method: str, sources: list[Mapping[str, Tensor]], cfg: Any, zero: Any, dtype: torch.dtype):
+        """Two parents of different kinds (a hybrid stack: attention and a linear mixer): the new layer is
+        the lower parent's kind; tensors both have (same name, same shape) are fused, the rest kept from it."""
+        from ..fuse import FusionResult
+
+        a, b = sources
+        common = {k for k in a if k in b and a[k].shape == b[k].shape}
+        if method in ("copy", "solar"):
+            res = FusionResult({k: v.detach().to(dtype) for k, v in a.items()}, {})
+            if cfg.zero_init:
+                for k, v in (zero or {}).items():
+                    if k in res.canon:
+                        res.canon[k] = torch.full_like(res.canon[k], v)
+            return res
+        groups = ()
+        if method == "opt":
+            facts = self.bound or NO_FACTS
+            groups = tuple(g for g in facts.groups if {k for k, _ in g.keys()} <= common)
+            if not groups:
+                raise UnsupportedArchitectureError(
+                    f"{self.name}: OT fusion of two layers of different kinds needs a unit both have (MLP neurons,"
+                    " experts) whose permutation is proven; none is: use method='avg' or 'copy'"
+                )
+        res = self._fuse([{k: a[k] for k in common}, {k: b[k] for k in common}], cfg, zero, dtype, groups, ())
+        for k in a:
+            if k not in common:
+                res.canon[k] = torch.zeros_like(a[k], dtype=dtype) if cfg.zero_init and k in (zero or {}) \
+                    else a[k].detach().to(dtype)
+        res.diagnostics["kept_from_lower_parent"] = len(a) - len(common)
+        res.diagnostics["fused_with_upper_parent"] = len(common)
+        return res
+
+    def _fuse(self, sources, cfg, zero, dtype, groups, refused):
+        from ..align.solvers import solve
+        from ..fuse import FusionResult
+
         a, b = sources
         a64 = {k: v.detach().to(torch.float64) for k, v in a.items()}
         b64 = {k: v.detach().to(torch.float64) for k, v in b.items()}
-        diag: dict[str, Any] = {"ot_units": [f"{g.name} ({g.n})" for g in facts.groups]}
-        if facts.refused:
-            diag["ot_refused"] = list(facts.refused)
+        diag: dict[str, Any] = {"ot_units": [f"{g.name} ({g.n})" for g in groups]} if groups else {}
+        if refused:
+            diag["ot_refused"] = list(refused)
         moved = set()
-        for g in facts.groups:
+        for g in groups:
             fa, fb = features(a64, g), features(b64, g)
             plan = solve(torch.cdist(fa, fb).pow(2), cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter)
             apply_units(a64, g, lambda u, plan=plan: plan.move(u, 0))
             ident = float((fa - fb).pow(2).sum())
             diag[f"ot_cost_ratio:{g.name}"] = plan.cost / ident if ident > 0 else 1.0
             moved |= {k for k, _ in g.keys()}
-        diag["ot_tensors_aligned"] = len(moved)
-        diag["ot_tensors_averaged_in_place"] = len([k for k in b if k not in moved])
+        if groups:
+            diag["ot_tensors_aligned"] = len(moved)
+            diag["ot_tensors_averaged_in_place"] = len([k for k in b if k not in moved])
         w = cfg.fusion_weight
         out = {k: ((1.0 - w) * a64[k] + w * b64[k]).to(dtype) for k in b}
         if cfg.zero_init:
@@ -315,11 +352,12 @@ def _layer_lists(config: Any, n: int) -> tuple[tuple[str, ...], tuple[str, ...]]
     for k, v in vars(config).items():
         if k.startswith("_") or k in _NOT_PER_LAYER or not isinstance(v, (list, tuple)):
             continue
-        if len(v) == n and n > 1:
+        ints = bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in v)
+        if (ints and len(v) <= n and list(v) == sorted(set(v)) and any(t in k for t in ("idx", "indices", "layer", "ids"))
+                and (len(v) < n or n > 2)):
+            idx.append(k)  # layer indices (moe_layers, full_attn_idxs): renumbered, not repeated
+        elif len(v) == n and n > 1:
             per.append(k)
-        elif (v and len(v) < n and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in v)
-              and list(v) == sorted(set(v)) and any(t in k for t in ("idx", "indices", "layer", "ids"))):
-            idx.append(k)
     return tuple(sorted(per)), tuple(sorted(idx))
 
 
@@ -553,10 +591,15 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
         # MLP neurons: Linears that make n features, and those that read them
         for n in sorted({c.in_features for _, c in lins} - {hidden}):
             prod = [nm for nm, c in lins if c.out_features == n and c.in_features != n]
+            fused = [nm for nm, c in lins if c.out_features == 2 * n and c.in_features != n]
             cons = [nm for nm, c in lins if c.in_features == n]
             if prod and n > 1:
                 entries = [e for nm in prod for e in wb(nm, 0, 1)] + [e for nm in cons for e in wb(nm, 1, 1)]
                 out.append(UnitGroup(f"{pre}neurons", n, tuple(entries)))
+            elif fused and n > 1:  # a fused [gate; up] (chunked) or interleaved projection
+                for block in (-2, 2):
+                    entries = [e for nm in fused for e in wb(nm, 0, block)] + [e for nm in cons for e in wb(nm, 1, 1)]
+                    out.append(UnitGroup(f"{pre}neurons", n, tuple(entries)))
         # KV-head groups: q (rows of g heads), k / v (rows of one head), o (columns of g heads)
         if heads and kv and hd and isinstance(kv, int) and kv > 1 and heads % kv == 0:
             hq, hkv, g = heads * hd, kv * hd, heads // kv
