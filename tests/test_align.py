@@ -282,14 +282,16 @@ def test_plan_move_is_the_barycentric_map(monkeypatch):
     torch.manual_seed(0)
     X = torch.randn(40, 8, dtype=torch.float64)
     M = sq_dists(X, X + 0.5 * torch.randn(40, 8, dtype=torch.float64))
-    for dtype, tol in ((torch.float32, 1e-12), (torch.bfloat16, 1e-5)):  # 16-bit: float32 products
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float64, 1e-12)):  # float32 products
         x = torch.randn(40, 3, 5, dtype=dtype)
         for plan in (solve_exact(M), solve_sinkhorn(M, reg=0.05)):
             want = torch.einsum("ij,iab->jab", plan.barycentric, x.double())
             atol = 0 if plan.is_permutation else tol
-            torch.testing.assert_close(plan.move(x, dim=0), want, rtol=atol, atol=atol)
+            got = plan.move(x, dim=0)
+            assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)  # work_dtype
+            torch.testing.assert_close(got.double(), want, rtol=atol, atol=atol)
             y = x.permute(1, 2, 0)  # units last
-            torch.testing.assert_close(plan.move(y, dim=2), want.permute(1, 2, 0), rtol=atol, atol=atol)
+            torch.testing.assert_close(plan.move(y, dim=2).double(), want.permute(1, 2, 0), rtol=atol, atol=atol)
     # a float32 plan (large problems, solved in place; forced here, with ragged blocks)
     monkeypatch.setattr(solvers, "INPLACE_MIN_ENTRIES", 0)
     monkeypatch.setattr(solvers, "_BLOCK", 16)
@@ -298,7 +300,7 @@ def test_plan_move_is_the_barycentric_map(monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(7, 40, dtype=dtype)
         want = x.double() @ p32.barycentric.double()
-        torch.testing.assert_close(p32.move(x, dim=1), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p32.move(x, dim=1).double(), want, rtol=1e-5, atol=1e-6)
         assert p32.move(x, dim=1).is_contiguous()
 
 
@@ -347,3 +349,38 @@ def test_certificate_rejects_a_suboptimal_assignment_and_falls_back(monkeypatch)
     assert solvers._assignment_certified(C) is None
     monkeypatch.setattr(solvers, "SPARSE_MIN_N", 0)
     assert solve_exact(C).cost == pytest.approx(float(C.diagonal().mean()))  # (any assignment is optimal here)
+
+
+def test_float32_cost_assignment_is_certified_on_the_true_cost(monkeypatch):
+    """A float32 cost matrix gives the float64 optimum, certified (the band entries recomputed in
+    float64); a matrix as wrong as the error bound allows still gives the true optimum (certified, or the
+    float64 problem solved instead when its own optimum is not the true one)."""
+    from hf_deepen.align import solvers
+
+    torch.manual_seed(0)
+    A = torch.randn(300, 64).bfloat16()
+    B = (A.float()[torch.randperm(300)] + 0.7 * torch.randn(300, 64)).bfloat16()
+    ref = solvers.solve_exact(solvers.sq_dists(A.double(), B.double()))
+    for n_min in (10**9, 16):  # the dense solver, then the sparse candidate graph
+        monkeypatch.setattr(solvers, "SPARSE_MIN_N", n_min)
+        o = solvers.SqDistCost([A], [B])
+        M = o.matrix()
+        assert M.dtype == torch.float32
+        p = solvers.solve_exact(M, o)
+        assert p.certified == "float32+certificate" and p.band > 0
+        assert torch.equal(p.assignment, ref.assignment) and p.cost == pytest.approx(ref.cost, rel=1e-12)
+        ea, eb = o.error_bounds()
+        assert float(((M.double() - solvers.sq_dists(A.double(), B.double())).abs() - ea[:, None] - eb).max()) <= 0
+        # a matrix off by up to 0.9x a (looser, still valid) bound, so that its optimum often differs:
+        # the certificate must notice
+        ea, eb = ea * 3e5, eb * 3e5
+        monkeypatch.setattr(o, "error_bounds", lambda: (ea, eb))
+        ways = set()
+        for seed in range(2):
+            g = torch.Generator().manual_seed(seed)
+            noise = (torch.rand(300, 300, generator=g, dtype=torch.float64) * 2 - 1) * 0.9 * (ea[:, None] + eb)
+            bad = (solvers.sq_dists(A.double(), B.double()) + noise).float()
+            q = solvers.solve_exact(bad, o)
+            assert torch.equal(q.assignment, ref.assignment)
+            ways.add(q.certified)
+        assert "float64 fallback" in ways

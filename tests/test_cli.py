@@ -108,3 +108,77 @@ def test_eval_command_reports_loss(tmp_path, capsys):
     assert 0 < loss < 3  # a repeated sentence is easy for a real model; random weights give ~10.8
     with pytest.raises(ValueError, match="fewer than one block"):
         heldout_loss(tiny_model("gqa"), type("T", (), {"__call__": lambda s, t, **k: type("E", (), {"input_ids": torch.zeros(1, 3, dtype=torch.long)})()})(), "x", block_size=8)
+
+
+def _no_load(monkeypatch):
+    from hf_deepen import DepthUpscaler
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(DepthUpscaler, "from_pretrained", boom)
+
+
+def test_upscale_streams_by_default_and_no_streaming_loads(tmp_path, monkeypatch):
+    """A local safetensors directory streams with no flag (the model is never loaded); --no-streaming
+    loads it; both write the same tensors; the resolved run records which path ran."""
+    import yaml
+
+    from conftest import checkpoint_tensors
+
+    model = tiny_model("gqa")
+    model.save_pretrained(tmp_path / "base")
+    with monkeypatch.context() as m:
+        _no_load(m)
+        assert main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    assert main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "m"), "--no-progress", "--no-streaming"]) == 0
+    assert yaml.safe_load((tmp_path / "s" / "hf_deepen_run.yaml").read_text())["streaming"] is True
+    assert yaml.safe_load((tmp_path / "m" / "hf_deepen_run.yaml").read_text())["streaming"] is False
+    a, b = checkpoint_tensors(tmp_path / "s"), checkpoint_tensors(tmp_path / "m")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streaming_keeps_the_dtype_unless_told(tmp_path, monkeypatch):
+    from conftest import checkpoint_tensors
+
+    model = tiny_model("gqa").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    _no_load(monkeypatch)
+    assert main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "bf"), "--no-progress"]) == 0
+    assert {t.dtype for t in checkpoint_tensors(tmp_path / "bf").values()} == {torch.bfloat16}
+    assert main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "f32"), "--no-progress", "--dtype", "float32"]) == 0
+    got = checkpoint_tensors(tmp_path / "f32")
+    assert {t.dtype for t in got.values()} == {torch.float32}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "f32").config.dtype == torch.float32
+    # the same as loading the checkpoint in float32 and upscaling in memory
+    monkeypatch.undo()
+    assert main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "mem"), "--no-progress", "--dtype", "float32",
+                 "--no-streaming"]) == 0
+    ref = checkpoint_tensors(tmp_path / "mem")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in got)
+
+
+def test_streaming_source_decides(tmp_path, monkeypatch):
+    from hf_deepen.errors import DeepenError
+    from hf_deepen.sources import streaming_source
+
+    tiny_model("gqa").save_pretrained(tmp_path / "base")
+    assert streaming_source(str(tmp_path / "base")) == tmp_path / "base"
+    assert streaming_source(str(tmp_path / "base"), streaming=False) is None
+    assert streaming_source(str(tmp_path / "base"), gguf_file="x.gguf") is None  # GGUF: loaded
+    assert streaming_source(str(tmp_path / "base"), align_on="activations") is None
+    with pytest.raises(DeepenError, match="GGUF"):
+        streaming_source(str(tmp_path / "base"), gguf_file="x.gguf", streaming=True)
+    assert streaming_source("nobody/not-cached-anywhere") is None
+    # a Hub snapshot in the local cache streams from its snapshot directory
+    import huggingface_hub.constants as hc
+
+    repo = tmp_path / "cache" / "models--org--tiny"
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    for f in (tmp_path / "base").iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert streaming_source("org/tiny") == snap

@@ -343,7 +343,7 @@ def test_shuffled_layer_is_recovered(family):
     canon_b, _ = spec.to_canonical(shuffled)
     aligned = align_layer_pair(canon_a, canon_b, shape, "exact").apply(canon_a)
     for k, v in canon_b.items():
-        assert torch.allclose(aligned[k], v.to(torch.float64), rtol=0, atol=1e-6), f"{family}: {k} not recovered"
+        assert torch.allclose(aligned[k].double(), v.to(torch.float64), rtol=0, atol=1e-6), f"{family}: {k} not recovered"
     re = spec.from_canonical({k: v.to(torch.float32) for k, v in aligned.items()})
     for k, v in shuffled.items():
         assert torch.allclose(re[k], v, rtol=0, atol=1e-6), k

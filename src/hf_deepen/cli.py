@@ -59,7 +59,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 #: keys of a run (YAML file or flags) that are not UpscaleConfig options, with their defaults
 RUN_DEFAULTS: dict = {
     "model": None, "out": None, "overwrite": False, "gguf_file": None, "dtype": None, "revision": None,
-    "trust_remote_code": False, "streaming": False, "max_shard_size": "2GB", "report": None, "progress": True,
+    "trust_remote_code": False, "streaming": None, "max_shard_size": "2GB", "report": None, "progress": True,
     "calibration": None,
 }
 CONFIG_KEYS = [f for f in UpscaleConfig.__dataclass_fields__ if f != "version"]
@@ -119,16 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", default=None, help="output directory (refused if it exists and is not empty)")
     u.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
     u.add_argument("--gguf-file", default=None, help="GGUF file name inside MODEL (needs the gguf package)")
-    u.add_argument("--dtype", default=None, help="dtype to load the model in (float32, bfloat16, float16, auto)")
+    u.add_argument("--dtype", default=None,
+                   help="dtype of the output (float32, bfloat16, float16; default/auto: the checkpoint's own)")
     u.add_argument("--revision", default=None)
     u.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow the model's own code to run (off by default)")
     u.add_argument("--report", default=None, help="also write the JSON report to this path")
     u.add_argument("--streaming", action="store_true", default=None,
-                   help="MODEL is a local safetensors checkpoint directory: read and write tensors layer by layer,"
-                        " never instantiating the model (peak memory: two source layers and one OT problem, e.g. under 4 GB"
-                        " for Llama-3.1-8B with the exact solver)")
-    u.add_argument("--max-shard-size", default=None, help="output shard size for --streaming (default 2GB)")
+                   help="insist on streaming (an error if MODEL cannot stream). Streaming is the default whenever MODEL"
+                        " is a local safetensors directory or a Hub snapshot in the local cache: tensors are read and"
+                        " written layer by layer, the model is never instantiated (peak memory: the source layers of one"
+                        " new layer and its OT problem); GGUF files, other formats and --align-on activations load it")
+    u.add_argument("--no-streaming", dest="streaming", action="store_false", default=None,
+                   help="load the whole model in memory even where streaming is possible")
+    u.add_argument("--max-shard-size", default=None, help="output shard size when streaming (default 2GB)")
     u.add_argument("--calibration", default=None,
                    help="plain text file for --align-on activations or --layout auto; 'pydoc' uses CPython's"
                         " pydoc_data topics")
@@ -213,14 +217,19 @@ def _upscale(args: argparse.Namespace) -> int:
     cfg = UpscaleConfig.from_dict({k: run[k] for k in CONFIG_KEYS if k in run})  # validate before loading
     check_output_dir(run["out"], run["overwrite"])
     check_output_writable(run["out"])  # read-only, or another run writing it: before loading anything
+    from .sources import streaming_source
+
+    src = streaming_source(run["model"], gguf_file=run["gguf_file"], revision=run["revision"], align_on=cfg.align_on,
+                           layout=cfg.layout, streaming=run["streaming"])
+    run["streaming"] = src is not None  # the resolved run records what was done
     resolved = {**{k: run[k] for k in RUN_DEFAULTS}, **{k: v for k, v in cfg.to_dict().items() if k != "version"}}
     extra = {"hf_deepen_run.yaml": yaml.safe_dump(resolved, sort_keys=False)}
-    if run["streaming"]:
+    if src is not None:
         from .streaming import upscale_checkpoint
 
-        if run["gguf_file"] or run["revision"] or run["dtype"]:
-            raise DeepenError("streaming reads a local safetensors directory as stored: drop gguf_file/revision/dtype")
-        report = upscale_checkpoint(run["model"], run["out"], cfg, overwrite=run["overwrite"],
+        if run["calibration"]:
+            raise DeepenError("--calibration is only used with --align-on activations: drop it")
+        report = upscale_checkpoint(src, run["out"], cfg, overwrite=run["overwrite"], dtype=_dtype(run["dtype"]),
                                     max_shard_size=run["max_shard_size"], progress=run["progress"], extra_files=extra)
     else:
         kwargs = {k: v for k, v in (("gguf_file", run["gguf_file"]), ("revision", run["revision"]),

@@ -147,15 +147,46 @@ class _Checkpoint:
             self._files[fname] = _SafetensorsFile(self.path / fname)
         return self._files[fname]
 
+    #: floating-point tensors are read as this dtype (None: as stored); see upscale_checkpoint(dtype=)
+    cast: torch.dtype | None = None
+
+    def _casts(self, e: dict[str, Any]) -> bool:
+        return self.cast is not None and _DTYPES.get(e["dtype"], torch.uint8).is_floating_point and _DTYPES[e["dtype"]] != self.cast
+
     def entry(self, name: str) -> dict[str, Any]:
-        """``{"dtype", "shape", "data_offsets"}`` of tensor ``name`` (from the header: no data read)."""
-        return self._file(self.weight_map[name]).entries[name]
+        """``{"dtype", "shape", "data_offsets"}`` of tensor ``name`` (from the header: no data read), as read
+        (after :attr:`cast`; the offsets then only give the size)."""
+        e = self._file(self.weight_map[name]).entries[name]
+        if not self._casts(e):
+            return e
+        n = 1
+        for d in e["shape"]:
+            n *= d
+        return {"dtype": _DTYPE_NAMES[self.cast], "shape": e["shape"], "data_offsets": [0, n * self.cast.itemsize]}
 
     def get(self, name: str) -> torch.Tensor:
-        return self._file(self.weight_map[name]).get(name)
+        t = self._file(self.weight_map[name]).get(name)
+        return t.to(self.cast) if self.cast is not None and t.is_floating_point() else t
 
     def copy_to(self, name: str, out: Any) -> None:
-        self._file(self.weight_map[name]).copy_to(name, out)
+        f = self._file(self.weight_map[name])
+        e = f.entries[name]
+        if not self._casts(e):
+            f.copy_to(name, out)
+            return
+        src = _DTYPES[e["dtype"]]
+        b, end = e["data_offsets"]
+        fh = f._file()
+        fh.seek(f.base + b)
+        step = _COPY_CHUNK - _COPY_CHUNK % src.itemsize
+        left = end - b
+        while left:  # cast chunk by chunk: bounded memory whatever the tensor
+            chunk = fh.read(min(left, step))
+            if not chunk:
+                raise UnsupportedModelError(f"{f.path}: truncated while reading {name!r}")
+            t = torch.frombuffer(bytearray(chunk), dtype=src).to(self.cast)
+            out.write(memoryview(t.view(torch.uint8).numpy()))
+            left -= len(chunk)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -258,6 +289,7 @@ def upscale_checkpoint(
     max_shard_size: int | str = "2GB",
     progress: bool | None = None,
     extra_files: dict[str, str] | None = None,
+    dtype: torch.dtype | str | None = None,
     **kwargs: Any,
 ) -> UpscaleReport:
     """Upscale the checkpoint in directory ``src`` into directory ``out``, streaming tensors.
@@ -266,6 +298,10 @@ def upscale_checkpoint(
     safetensors (with an index when there is more than one shard), the updated ``config.json``
     with provenance, the tokenizer and other small files of ``src``, a model card and
     ``hf_deepen_report.json``; all into a temporary directory moved into place at the end.
+
+    ``dtype`` (``torch.float32``, ``"bfloat16"``, ...): the floating-point tensors are cast to it as
+    they are read (as ``from_pretrained(dtype=...)`` would load them), so new layers are fused from
+    the cast weights; default (None or ``"auto"``): the checkpoint's own dtypes, copied byte for byte.
     """
     from tqdm.auto import tqdm
     from transformers import AutoConfig
@@ -297,6 +333,10 @@ def upscale_checkpoint(
         )
     check_checkpoint(src, hf_config)  # truncated shards, index vs shards, shapes vs config: before any work
     ckpt = _Checkpoint(src)
+    cast = _cast_dtype(dtype)
+    if cast is not None:
+        ckpt.cast = cast
+        hf_config.dtype = cast
     prefix = spec.layers_path + "."
     layer_re = re.compile(re.escape(prefix) + r"(\d+)\.(.+)")
     per_layer: dict[int, list[str]] = {}
@@ -405,6 +445,17 @@ def upscale_checkpoint(
             w.close()
         ckpt.close()
     return report
+
+
+def _cast_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype=`` of :func:`upscale_checkpoint` as a floating torch dtype, or None (keep the checkpoint's)."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype not in _DTYPE_NAMES:
+        raise ConfigError(f"dtype {dtype!r}: use float32, bfloat16, float16 (or None/'auto' for the checkpoint's own)")
+    return dtype
 
 
 def _after_layers(name: str) -> bool:

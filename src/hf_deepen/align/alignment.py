@@ -29,7 +29,7 @@ from typing import Mapping
 import torch
 
 from ..arch.spec import HeadShape
-from .solvers import Plan, pairwise_sq_dists, solve, solve_sinkhorn_batch
+from .solvers import Plan, SqDistCost, pairwise_sq_dists, solve, solve_sinkhorn_batch, work_dtype
 
 Tensor = torch.Tensor
 
@@ -85,7 +85,8 @@ class LayerAlignment:
 
     # barycentric application ----------------------------------------------------------------
     def apply_role(self, role: str, t: Tensor) -> Tensor:
-        """A's canonical tensor ``role`` (float64) moved into B's unit order; residual roles as they are.
+        """A's canonical tensor ``role`` moved into B's unit order (in :func:`work_dtype`: float32, or
+        float64 for float64 weights); residual roles as they are.
 
         One role at a time, so a caller can fuse and cast each before the next (an 8B layer is
         1.75 GB in float64). Neurons move by :meth:`Plan.move` (an index gather for an exact plan).
@@ -94,16 +95,16 @@ class LayerAlignment:
         hq, hkv, g, hd = s.num_heads, s.num_kv_heads, s.group_size, s.head_dim
         if role in ("gate", "up", "gate_bias", "up_bias", "down") and self.neurons is not None:
             return self.neurons.move(t, dim=1 if role == "down" else 0)
-        x = t.detach().to(torch.float64)
+        x = t.detach().to(work_dtype(t))
         if role in ("k", "k_bias", "v", "v_bias"):  # KV-head rows: a plain barycentric map over groups
-            W = self.heads.barycentric  # [hkv, hkv], columns sum to 1
+            W = self.heads.barycentric.to(x)  # [hkv, hkv], columns sum to 1
             return (W.T @ x.reshape(hkv, -1)).reshape(t.shape)
         if role in ("q", "q_bias", "o"):  # over groups, then within the matched pair of groups
             W = self.heads.barycentric
             v = (x.T if role == "o" else x).reshape(hkv, g, -1)
             aligned = torch.zeros_like(v)
             for (i, j), qp in self.query.items():
-                aligned[j] += W[i, j] * torch.einsum("ab,af->bf", qp.barycentric, v[i])
+                aligned[j] += float(W[i, j]) * torch.einsum("ab,af->bf", qp.barycentric.to(x), v[i])
             if role == "o":
                 return aligned.reshape(hq * hd, -1).T.reshape(t.shape)
             return aligned.reshape(t.shape)
@@ -183,11 +184,21 @@ def align_layers(
     neurons = None
     t2 = t3 = time.perf_counter()
     if "down" in a:  # (a sparse MoE layer without a shared expert has no dense MLP: align/experts.py)
-        cost = costs["neurons"] if "neurons" in costs else pairwise_sq_dists(_neuron_parts(a), _neuron_parts(b), device)
+        oracle = None
+        if "neurons" in costs:
+            cost = costs["neurons"]
+        else:  # float32 arithmetic (see SqDistCost); Sinkhorn wants its float64 buffer, the exact
+            # solver the float32 matrix and the exact costs to certify its assignment with
+            oracle = SqDistCost(_neuron_parts(a), _neuron_parts(b), device)
+            cost = oracle.matrix(torch.float64 if solver == "sinkhorn" else None)
         t2 = time.perf_counter()
         # a cost built here is scratch: a large Sinkhorn problem runs in its memory
-        neurons = solve(cost, solver, reg, max_iter, overwrite="neurons" not in costs)
+        neurons = solve(cost, solver, reg, max_iter, overwrite="neurons" not in costs,
+                        oracle=oracle if solver == "exact" else None)
         del cost
         t3 = time.perf_counter()
     extra = {"seconds_heads": t1 - t0, "seconds_neuron_cost": t2 - t1, "seconds_neuron_solve": t3 - t2}
+    if neurons is not None and neurons.certified:
+        extra["neurons_certificate_band"] = float(neurons.band)
+        extra["neurons_float64_fallback"] = float(neurons.certified == "float64 fallback")
     return LayerAlignment(shape=shape, heads=heads, query=query, neurons=neurons, extra=extra)

@@ -65,11 +65,19 @@ def _rows(n: int) -> int:
 SPARSE_MIN_N = 4096
 #: candidate edges: the ``SPARSE_K`` cheapest per row and per column
 SPARSE_K = 32
+#: candidates per row and column when the assignment is already known (dense solver): duals only
+SPARSE_K_FIXED = 8
 #: certification rounds (each adds the violated edges) before falling back to the dense solver
 SPARSE_ROUNDS = 8
 #: Bellman-Ford passes for the dual potentials before falling back (typically 100-250 at n = 14,336;
 #: the cap bounds a pathological case at seconds, and the fallback is exact anyway)
 SPARSE_MAX_PASSES = 2000
+
+
+def work_dtype(*ts: Tensor) -> torch.dtype:
+    """Where aligned and fused weights are computed: float32 (exact for bf16/fp16 inputs, the
+    weights' own precision for fp32), float64 only when an input is float64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
 @dataclass
@@ -109,6 +117,11 @@ class Plan:
     solver: str
     dense: Tensor | None = None
     assignment: Tensor | None = None
+    #: exact plans: how optimality was established ("float64": solved on a float64 cost;
+    #: "float32+certificate": solved on float32, certified on the true cost; "float64 fallback")
+    certified: str = ""
+    #: entries the certificate recomputed in float64 (see :func:`_certify_true`)
+    band: int = 0
 
     @property
     def n(self) -> int:
@@ -140,7 +153,8 @@ class Plan:
         return self.assignment if self.assignment is not None else self.dense.argmax(dim=0)
 
     def move(self, x: Tensor, dim: int = 0) -> Tensor:
-        """The barycentric map applied to ``x``, whose ``dim`` indexes the lower units: float64,
+        """The barycentric map applied to ``x``, whose ``dim`` indexes the lower units: in
+        :func:`work_dtype` (float32, float64 for float64 ``x``),
         the same shape, ``dim`` now indexing the upper units (``(n P)^T x`` for ``dim=0``).
 
         An exact plan is an index gather (exact, free). A dense plan is a matmul: in float64, or,
@@ -148,8 +162,9 @@ class Plan:
         :func:`pairwise_sq_dists`: a float32 sum of 14,336 products is accurate to ~1e-5
         relative, far below bf16's 4e-3; twice as fast, and no float64 copy of ``x``).
         """
-        if self.assignment is not None:  # gather first, then widen: one float64 copy, not two
-            return x.detach().index_select(dim, self.assignment.to(x.device)).to(torch.float64)
+        wd = work_dtype(x)
+        if self.assignment is not None:  # gather first, then widen: one copy, not two
+            return x.detach().index_select(dim, self.assignment.to(x.device)).to(wd)
         P = self.dense  # computed where the plan is (the GPU, if Sinkhorn ran there), returned to x's device
         n = self.n
         x = x.detach()
@@ -166,7 +181,7 @@ class Plan:
                 acc.addmm_(x2[:, i : i + step].to(cdt), Pb)
             else:
                 acc.addmm_(Pb.T, x2[i : i + step].to(cdt))
-        out = acc.to(x.device, torch.float64)
+        out = acc.to(x.device, wd)
         del acc
         out.mul_(n)
         if last:
@@ -203,8 +218,8 @@ def _duals(C: Tensor, sigma: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, Tens
     n = C.shape[0]
     inv = torch.empty(n, dtype=torch.int64)
     inv[sigma] = torch.arange(n)
-    base = C[torch.arange(n), sigma]
-    dst, w = inv[c], C[r, c] - base[r]
+    base = C[torch.arange(n), sigma].to(torch.float64)
+    dst, w = inv[c], C[r, c].to(torch.float64) - base[r]
     d = torch.zeros(n, dtype=torch.float64)
     for _ in range(min(n + 1, SPARSE_MAX_PASSES)):
         nd = d.clone().scatter_reduce_(0, dst, d[r] + w, reduce="amin")
@@ -216,17 +231,49 @@ def _duals(C: Tensor, sigma: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, Tens
     return None  # a negative cycle (sigma can be improved on these edges), or the pass cap
 
 
-def _assignment_certified(C: Tensor) -> Tensor | None:
-    """The optimal assignment of the dense cost ``C`` (float64, CPU), via a sparse candidate graph.
+def _candidates(C: Tensor, k: int) -> Tensor:
+    """Keys ``i * n + j`` of the ``k`` cheapest entries of every row and every column."""
+    n = C.shape[0]
+    k = min(k, n)
+    rows = torch.topk(C, k, dim=1, largest=False).indices
+    # per column in blocks of columns (a top-k along dim 0 of the whole matrix may copy it)
+    step = _rows(n)
+    cols = torch.cat([torch.topk(C[:, j : j + step], k, dim=0, largest=False).indices for j in range(0, n, step)], dim=1)
+    r = torch.cat([torch.arange(n).repeat_interleave(k), cols.reshape(-1)])
+    c = torch.cat([rows.reshape(-1), torch.arange(n).repeat(k)])
+    return torch.unique(r * n + c)
+
+
+def _tolerance(C: Tensor) -> float:
+    """Rounding tolerance per entry of a certificate: ``2^-40 max |C|``."""
+    return 2.0**-40 * max(abs(float(C.max())), abs(float(C.min())))  # (C.abs() would copy the matrix)
+
+
+def _violations(C: Tensor, u: Tensor, v: Tensor, tol: float) -> list[Tensor]:
+    """Keys of the entries with ``C_ij - u_i - v_j < -tol``, over row blocks (float64 arithmetic)."""
+    n, step = C.shape[0], _rows(C.shape[0])
+    buf = torch.empty(step, n, dtype=torch.float64)
+    bad = []
+    for i in range(0, n, step):
+        red = torch.sub(C[i : i + step], u[i : i + step, None], out=buf[: min(step, n - i)]).sub_(v)
+        if float(red.min()) < -tol:
+            hit = (red < -tol).nonzero()
+            bad.append((hit[:, 0] + i) * n + hit[:, 1])
+    return bad
+
+
+def _assignment_certified(C: Tensor, sigma: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The optimal assignment of the dense cost ``C`` (float64 or float32, CPU), with its duals.
 
     1. Candidates: the :data:`SPARSE_K` cheapest edges of every row and of every column.
-    2. Solve the assignment on them with SciPy's LAPJVsp (``min_weight_full_bipartite_matching``).
+    2. Solve the assignment on them with SciPy's LAPJVsp (``min_weight_full_bipartite_matching``),
+       or take ``sigma`` when it is given (an assignment known to be optimal, e.g. from the dense solver).
     3. Certify on the *full* matrix: dual potentials of the sparse optimum (:func:`_duals`) that are
        feasible for every entry, ``C_ij - u_i - v_j >= 0``, prove it optimal for the dense problem
        (LP duality), up to a rounding tolerance of ``2^-40 max |C|`` per entry. Violated entries join
        the candidates and the sparse problem is solved again.
 
-    Returns the assignment (``sigma[i]``: the column of row ``i``), or None when there is no full
+    Returns ``(sigma, u, v)`` (``sigma[i]``: the column of row ``i``), or None when there is no full
     matching on the candidates or no certificate after :data:`SPARSE_ROUNDS` rounds (the caller
     then runs the dense solver). On Llama-8B-shaped random layers it is 4-5 rounds, ~5x faster than
     the dense solver at n = 8,192 (``benchmarks/README.md``, "Scale").
@@ -235,67 +282,139 @@ def _assignment_certified(C: Tensor) -> Tensor | None:
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
     n = C.shape[0]
-    k = min(SPARSE_K, n)
-    rows = torch.topk(C, k, dim=1, largest=False).indices
-    # per column in blocks of columns (a top-k along dim 0 of the whole matrix may copy it)
-    step = _rows(n)  # rows (or columns) per block: bounds every temporary below
-    cols = torch.cat([torch.topk(C[:, j : j + step], k, dim=0, largest=False).indices for j in range(0, n, step)], dim=1)
-    r = torch.cat([torch.arange(n).repeat_interleave(k), cols.reshape(-1)])
-    c = torch.cat([rows.reshape(-1), torch.arange(n).repeat(k)])
-    key = torch.unique(r * n + c)
+    fixed = sigma is not None
+    # a known optimum only needs duals: fewer candidates make the Bellman-Ford passes cheaper
+    # (0.27 -> 0.13 s at n = 1,536; the violated entries are added anyway)
+    key = _candidates(C, SPARSE_K_FIXED if fixed else SPARSE_K)
+    if fixed:
+        key = torch.unique(torch.cat([key, torch.arange(n) * n + sigma]))
     shift = float(C.min()) - 1.0  # LAPJVsp reads a zero weight as a missing edge: every weight >= 1
-    tol = 2.0**-40 * max(abs(float(C.max())), abs(float(C.min())))  # (C.abs() would copy the matrix)
-    buf = torch.empty(step, n, dtype=torch.float64)  # reduced costs of one block of rows
+    tol = _tolerance(C)
     for _ in range(SPARSE_ROUNDS):
         r, c = key // n, key % n
-        graph = csr_array(((C[r, c] - shift).numpy(), (r.numpy(), c.numpy())), shape=(n, n))
-        try:
-            _, col = min_weight_full_bipartite_matching(graph)
-        except ValueError:  # no full matching on the candidates
-            return None
-        sigma = torch.from_numpy(col).to(torch.int64)
+        if not fixed:
+            w = C[r, c].to(torch.float64) - shift
+            graph = csr_array((w.numpy(), (r.numpy(), c.numpy())), shape=(n, n))
+            try:
+                _, col = min_weight_full_bipartite_matching(graph)
+            except ValueError:  # no full matching on the candidates
+                return None
+            sigma = torch.from_numpy(col).to(torch.int64)
         uv = _duals(C, sigma, r, c)
         if uv is None:
             return None
-        u, v = uv
-        bad = []
-        for i in range(0, n, step):
-            red = torch.sub(C[i : i + step], u[i : i + step, None], out=buf[: min(step, n - i)]).sub_(v)
-            if float(red.min()) < -tol:
-                hit = (red < -tol).nonzero()
-                bad.append((hit[:, 0] + i) * n + hit[:, 1])
+        bad = _violations(C, *uv, tol)
         if not bad:
-            return sigma
+            return sigma, uv[0], uv[1]
         key = torch.unique(torch.cat([key, *bad]))
     return None
 
 
-def solve_exact(M: Tensor) -> Plan:
+def _certify_true(C: Tensor, sigma: Tensor, u: Tensor, v: Tensor, oracle: "SqDistCost") -> bool:
+    """Prove ``sigma`` optimal for the *true* cost ``T``, given duals ``u, v`` that prove it optimal
+    for the computed ``C`` (float32 arithmetic).
+
+    ``C`` is within ``e_ij = ea_i + eb_j`` of ``T`` (:meth:`SqDistCost.error_bounds`, a rigorous
+    bound). With ``u'_i = T_i,sigma(i) - v_sigma(i)`` (the true cost on the assignment, float64),
+    ``r'_ij = T_ij - u'_i - v_j >= red_ij - e_ij - red_i,sigma(i) - e_i,sigma(i)`` where
+    ``red = C - u - v``. Entries where that lower bound is below a margin ``m = max e`` (the *band*:
+    a few per row) get their true cost in float64; the duals are then repaired on them: shortest
+    distances ``d <= 0`` (Bellman-Ford) over the band arcs with weights ``r'`` give duals feasible
+    on every band entry, and they move any other entry's reduced cost by at most ``max |d|``. If
+    ``max |d| < m`` every entry is dual feasible for ``T`` (up to the rounding tolerance), which
+    proves ``sigma`` optimal (LP duality). Else (or on a negative cycle) False: the caller solves
+    the float64 problem instead.
+    """
+    n, step = C.shape[0], _rows(C.shape[0])
+    ar = torch.arange(n)
+    ea, eb = oracle.error_bounds()
+    t_sig = oracle.exact(ar, sigma)
+    red_sig = C[ar, sigma].to(torch.float64) - u - v[sigma]
+    u2 = t_sig - v[sigma]
+    tol = _tolerance(C)
+    margin = float(ea.max() + eb.max())
+    slack = red_sig + ea + eb[sigma] + margin  # per row: red below this needs the true cost
+    buf = torch.empty(step, n, dtype=torch.float64)
+    br, bc = [], []
+    for i in range(0, n, step):
+        red = torch.sub(C[i : i + step], u[i : i + step, None], out=buf[: min(step, n - i)]).sub_(v)
+        red.sub_(ea[i : i + step, None]).sub_(eb).sub_(slack[i : i + step, None])
+        hit = (red < 0).nonzero()
+        br.append(hit[:, 0] + i)
+        bc.append(hit[:, 1])
+    ri, cj = torch.cat(br), torch.cat(bc)
+    oracle.band = len(ri)
+    chunk = 1 << 16
+    w = torch.cat([oracle.exact(ri[k : k + chunk], cj[k : k + chunk]) for k in range(0, len(ri), chunk)]) if len(ri) else ri.double()
+    w = w - u2[ri] - v[cj]  # r' on the band
+    inv = torch.empty(n, dtype=torch.int64)
+    inv[sigma] = ar
+    dst = inv[cj]
+    d = torch.zeros(n, dtype=torch.float64)
+    for _ in range(min(n + 1, SPARSE_MAX_PASSES)):
+        nd = d.clone().scatter_reduce_(0, dst, d[ri] + w, reduce="amin") if len(ri) else d
+        if torch.equal(nd, d):
+            break
+        d = nd
+    else:
+        return False  # a negative cycle: sigma is not optimal for T (or the pass cap)
+    shift = float(-d.min())
+    oracle.repair = shift
+    return shift + tol < margin and bool(((w + d[ri] - d[dst]) >= -tol).all())
+
+
+def solve_exact(M: Tensor, oracle: "SqDistCost | None" = None) -> Plan:
     """Exact OT between uniform clouds: the optimal assignment (entries 0 or 1/n), stored as indices.
 
-    SciPy solves in float64 whatever it is given (it copies other dtypes), so the cost matrix is
-    built in float64 upstream and passed without a copy. From :data:`SPARSE_MIN_N` units the
-    assignment is found on a sparse candidate graph and certified optimal on the whole matrix
-    (:func:`_assignment_certified`), else (or if that fails) by the dense solver.
+    ``M`` may be float32 (computed fast, :meth:`SqDistCost.matrix`) with ``oracle`` the exact cost it
+    approximates: the assignment optimal for ``M`` is then *certified* optimal for the true cost
+    (:func:`_certify_true`), float64 only on the few entries the certificate needs; if it cannot be,
+    the whole problem is solved again on the float64 cost. Without ``oracle``, ``M`` is the cost.
+
+    Below :data:`SPARSE_MIN_N` units the dense solver (SciPy's LAPJV, float64) runs on ``M`` with its
+    column minima subtracted (the same optimum; LAPJV is several times faster on reduced costs:
+    3.7 -> 0.5 s at n = 1,536 on SmolLM2); from it, on a sparse candidate graph certified on the whole
+    matrix (:func:`_assignment_certified`), with the dense solver as the fallback.
     """
     n = M.shape[0]
-    Mc = M.detach().to("cpu", torch.float64)
-    sigma = _assignment_certified(Mc) if n >= SPARSE_MIN_N else None
-    if sigma is not None:
-        rows_t, cols_t = torch.arange(n), sigma
+    Mc = M.detach().to("cpu")
+    if Mc.dtype not in (torch.float32, torch.float64):
+        Mc = Mc.to(torch.float64)
+    cert = _assignment_certified(Mc) if n >= SPARSE_MIN_N else None
+    if cert is not None:
+        sigma = cert[0]
     else:
-        rows, cols = linear_sum_assignment(Mc.numpy())
-        rows_t, cols_t = torch.from_numpy(rows), torch.from_numpy(cols)
+        R = Mc.to(torch.float64, copy=True)
+        R -= R.min(dim=0, keepdim=True).values  # column reduction: the same optimal assignments
+        rows, cols = linear_sum_assignment(R.numpy())
+        del R
+        sigma = torch.empty(n, dtype=torch.int64)
+        sigma[torch.from_numpy(rows)] = torch.from_numpy(cols).to(torch.int64)
+    certified = "float64"
+    if oracle is not None and Mc.dtype != torch.float64:
+        if cert is None:
+            cert = _assignment_certified(Mc, sigma)
+        if cert is not None and _certify_true(Mc, *cert, oracle):
+            certified = "float32+certificate"
+        else:  # rare: the float32 optimum is not provably optimal for the true cost
+            return _with_cert(solve_exact(oracle.matrix(torch.float64)), "float64 fallback", oracle)
+    rows_t, cols_t = torch.arange(n), sigma
     assignment = torch.empty(n, dtype=torch.int64)
     assignment[cols_t] = rows_t
-    return Plan(
-        cost=float(Mc[rows_t, cols_t].sum()) / n,
-        identity_cost=float(torch.diagonal(Mc).mean()),
-        marginal_error=0.0,
-        sharpness=1.0,
-        solver="exact",
-        assignment=assignment,
-    )
+    if oracle is not None:
+        cost = float(oracle.exact(rows_t, cols_t).sum()) / n
+        ident = float(oracle.exact(rows_t, rows_t).mean())
+    else:
+        cost = float(Mc[rows_t, cols_t].to(torch.float64).sum()) / n
+        ident = float(torch.diagonal(Mc).to(torch.float64).mean())
+    plan = Plan(cost=cost, identity_cost=ident, marginal_error=0.0, sharpness=1.0, solver="exact", assignment=assignment)
+    return _with_cert(plan, certified, oracle)
+
+
+def _with_cert(plan: Plan, how: str, oracle: "SqDistCost | None") -> Plan:
+    plan.certified = how
+    plan.band = getattr(oracle, "band", 0) if oracle is not None else 0
+    return plan
 
 
 def _kernel_scalings(K: Tensor, max_iter: int, stop: float) -> tuple[Tensor, Tensor]:
@@ -481,11 +600,13 @@ def solve_sinkhorn_batch(Ms: Tensor, reg: float = 0.01, max_iter: int = 3000, to
     return [_finish(P[i], Mc[i], name) for i in range(B)]
 
 
-def solve(M: Tensor, solver: str = "exact", reg: float = 0.01, max_iter: int = 3000, overwrite: bool = False) -> Plan:
+def solve(M: Tensor, solver: str = "exact", reg: float = 0.01, max_iter: int = 3000, overwrite: bool = False,
+          oracle: "SqDistCost | None" = None) -> Plan:
     """Dispatch on ``solver`` (``"exact"`` or ``"sinkhorn"``); ``overwrite``: ``M`` may be used as
-    scratch memory (see :func:`solve_sinkhorn`)."""
+    scratch memory (see :func:`solve_sinkhorn`); ``oracle``: the true cost ``M`` approximates
+    (exact solver, see :func:`solve_exact`)."""
     if solver == "exact":
-        return solve_exact(M)
+        return solve_exact(M, oracle)
     if solver == "sinkhorn":
         return solve_sinkhorn(M, reg=reg, max_iter=max_iter, overwrite=overwrite)
     raise ValueError(f"unknown solver {solver!r}")
@@ -544,6 +665,92 @@ def pairwise_sq_dists(
         del B
     out.mul_(-2.0).add_(na[:, None]).add_(nb[None, :]).clamp_min_(0.0).mul_(s * s)
     return out
+
+
+class SqDistCost:
+    r"""Squared distances between units from per-unit feature blocks: a fast matrix and exact entries.
+
+    Unit *i*'s feature vector is the concatenation of ``parts_a[r][i]`` over ``r`` (never built).
+
+    :meth:`matrix` computes all ``n_a x n_b`` distances in **float32** arithmetic when no input is
+    float64 (bf16/fp16 weights are exact in float32; fp32 weights stay as they are), one role and
+    one block of rows at a time, with only one role of ``b`` and one block of ``a`` converted:
+    never a float64 copy of a layer. It is 2x faster than float64 on a CPU and halves the
+    ``n x n`` buffer (0.8 GB at Llama-3.1-8B's 14,336 neurons). Inputs are first divided by a power
+    of two ``s >= max |x|`` (exact), so float32 cannot overflow.
+
+    :meth:`exact` gives the *true* costs (float64 arithmetic on the stored weights) of chosen
+    entries, and :meth:`error_bounds` a rigorous bound ``ea_i + eb_j`` on ``|matrix - true|`` per
+    entry: what :func:`solve_exact` needs to certify an assignment found on the float32 matrix.
+    """
+
+    def __init__(self, parts_a: list[Tensor], parts_b: list[Tensor], device: str | torch.device | None = None):
+        self.parts_a = [p.detach().reshape(p.shape[0], -1) for p in parts_a]
+        self.parts_b = [p.detach().reshape(p.shape[0], -1) for p in parts_b]
+        self.device = torch.device(device) if device is not None else self.parts_a[0].device
+        wide = any(p.dtype == torch.float64 for p in self.parts_a + self.parts_b)
+        self.cdt = torch.float64 if wide else torch.float32
+        self.s = _pow2_scale(self.parts_a + self.parts_b)
+        self.features = sum(p.shape[1] for p in self.parts_a)
+        self.band = 0
+        self.repair = 0.0
+        self._norms: tuple[Tensor, Tensor] | None = None
+
+    def _conv(self, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        return t.to(self.device, dtype or self.cdt, copy=True).div_(self.s)
+
+    def matrix(self, out_dtype: torch.dtype | None = None, block: int = 2048) -> Tensor:
+        """All distances, ``[n_a, n_b]`` in ``out_dtype`` (default: the compute dtype, float32 unless
+        an input is float64), on ``device``."""
+        n_a, n_b = self.parts_a[0].shape[0], self.parts_b[0].shape[0]
+        dev, cdt = self.device, self.cdt
+        out = torch.zeros(n_a, n_b, dtype=out_dtype or cdt, device=dev)
+        na = torch.zeros(n_a, dtype=torch.float64, device=dev)
+        nb = torch.zeros(n_b, dtype=torch.float64, device=dev)
+        for pa, pb in zip(self.parts_a, self.parts_b):
+            B = self._conv(pb)
+            nb += B.square().sum(1, dtype=torch.float64)
+            for i in range(0, n_a, block):
+                A = self._conv(pa[i : i + block])
+                na[i : i + block] += A.square().sum(1, dtype=torch.float64)
+                out[i : i + block].add_(A @ B.T)
+                del A
+            del B
+        s2 = self.s * self.s
+        for i in range(0, n_a, block):  # -2 ab + |a|^2 + |b|^2, in float64 per block, then rounded once
+            blk = out[i : i + block].to(torch.float64).mul_(-2.0).add_(na[i : i + block, None]).add_(nb[None, :])
+            out[i : i + block] = blk.clamp_min_(0.0).mul_(s2)
+        self._norms = (na * s2, nb * s2)
+        return out
+
+    def error_bounds(self) -> tuple[Tensor, Tensor]:
+        """``ea, eb`` (float64, CPU): ``|matrix()_ij - exact_ij| <= ea_i + eb_j`` for every entry.
+
+        The dot product of ``F`` terms (plus one rounding per role block) in the compute dtype has
+        error at most ``gamma_{F+R} |a| |b| <= gamma (|a|^2 + |b|^2) / 2`` (Higham, Thm 3.5, any
+        summation order); the norms, the float64 combination and the final rounding add a few
+        units ``u``. The bound used, ``2 (gamma + 8u) (|a|^2 + |b|^2)``, covers all with a margin."""
+        if self._norms is None:
+            raise RuntimeError("internal: error_bounds() before matrix()")
+        u = 2.0**-24 if self.cdt == torch.float32 else 2.0**-53
+        m = self.features + len(self.parts_a)
+        gamma = m * u / (1 - m * u)
+        f = 2.0 * (gamma + 8 * u)
+        na, nb = self._norms
+        return (na * f).cpu(), (nb * f).cpu()
+
+    def exact(self, r: Tensor, c: Tensor, chunk: int | None = None) -> Tensor:
+        """True squared distances of the pairs ``(r[k], c[k])``, float64 on the CPU."""
+        out = torch.zeros(len(r), dtype=torch.float64)
+        step = chunk or max(1, _BLOCK_BYTES // (16 * max(self.features, 1)))
+        for k in range(0, len(r), step):
+            rr, cc = r[k : k + step], c[k : k + step]
+            acc = torch.zeros(len(rr), dtype=torch.float64)
+            for pa, pb in zip(self.parts_a, self.parts_b):
+                d = pa[rr.to(pa.device)].to("cpu", torch.float64) - pb[cc.to(pb.device)].to("cpu", torch.float64)
+                acc += d.square_().sum(1)
+            out[k : k + step] = acc
+        return out
 
 
 def sq_dists(A: Tensor, B: Tensor) -> Tensor:

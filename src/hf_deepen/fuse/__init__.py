@@ -1,7 +1,7 @@
 """Fusions: how a new layer is made from its base layer(s). A small registry, one function each.
 
 Every fusion maps canonical layers (see ``arch/spec.py``) to a canonical layer, computing in
-float64 one role at a time and returning each role in the requested dtype, and returns diagnostics. Zero-init (function preservation) and norm restoration are applied here,
+float32 (float64 for float64 weights) one role at a time and returning each role in the requested dtype, and returns diagnostics. Zero-init (function preservation) and norm restoration are applied here,
 after the method, the same way for every method that allows them.
 """
 
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import torch
 
 from ..align.experts import align_layer_pair
+from ..align.solvers import work_dtype
 from ..arch.spec import (
     EXPERT_COLS,
     EXPERT_ROWS,
@@ -116,8 +117,9 @@ def _fuse_roles(
 ) -> FusionResult:
     """``(1 - w) * align(a) + w * b`` role by role, each cast to ``dtype`` before the next.
 
-    Arithmetic is float64 per role (the same numbers as fusing whole float64 layers), but only
-    one role is ever held in float64: an 8B layer is 1.75 GB in float64, its largest role 0.47 GB.
+    Arithmetic is float32 per role (:func:`~hf_deepen.align.solvers.work_dtype`: exact for the
+    inputs of bf16/fp16 weights, float64 only for float64 weights), and only one role is ever held
+    widened: an 8B layer is 0.87 GB in float32, its largest role 0.23 GB.
     ``align(role, tensor)`` moves A's units into B's order (default: leave them).
     """
     w = cfg.fusion_weight
@@ -128,11 +130,11 @@ def _fuse_roles(
             na, nb, nm = _norms(a[r], b[r], w)
             den += 0.5 * (na + nb)
             num_avg += nm
-        a_r = align(r, a[r]) if align is not None else a[r].detach().to(torch.float64)
+        a_r = align(r, a[r]) if align is not None else a[r].detach().to(work_dtype(a[r], b[r]))
         # one memory layout for both parents (the aligned ``o`` comes back transposed): a norm's
         # rounding depends on the reduction order, and restore_norm must leave a self-fusion exact
         a_r = a_r.contiguous()
-        b_r = b[r].detach().to(torch.float64)
+        b_r = b[r].detach().to(a_r.dtype)
         # the mix below works in place (the same roundings as (1 - w) * a + w * b, without two
         # temporaries): never on a caller's tensor
         if a_r.data_ptr() == a[r].data_ptr():
@@ -204,7 +206,8 @@ def make_layer(
 ) -> FusionResult:
     """Run fusion ``method`` on canonical ``sources`` and apply zero-init if configured.
 
-    The fusion computes in float64 and returns its tensors in ``dtype`` (cast role by role).
+    The fusion computes in float32 (float64 for float64 weights) and returns its tensors in
+    ``dtype`` (cast role by role).
     ``zero`` maps canonical keys to the value zero-init writes (``ArchSpec.zero_values``); the
     default zeroes the output projections (``OUTPUT_ROLES``).
     """

