@@ -310,3 +310,16 @@ def test_errors_are_deepen_errors():
     for e in (ModelNotFoundError, CheckpointError, WeightError, OutputError, PlanError):
         assert issubclass(e, DeepenError)
     assert issubclass(OutputError, OSError) and str(OutputError("x")) == "x"
+
+
+def test_only_errors_about_the_output_become_output_errors(tmp_path):
+    import errno
+
+    out = tmp_path / "out"
+    deny = lambda f: PermissionError(errno.EACCES, "Permission denied", str(f))  # noqa: E731
+    assert hio.output_error(deny(tmp_path / "base" / "model.safetensors"), out) is None  # the input: not ours
+    for f in (tmp_path / ".out.partial-x" / "a", tmp_path / ".out.lock", out / "config.json", tmp_path):
+        assert "choose a writable --out" in str(hio.output_error(deny(f), out))
+    rust = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert "no space left" in str(hio.output_error(rust, out, 10**6))
+    assert hio.output_error(RuntimeError("code: 28"), out) is None

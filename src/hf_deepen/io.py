@@ -149,7 +149,7 @@ def check_output_writable(out: str | os.PathLike) -> None:
     except OutputError:
         raise
     except OSError as e:
-        mapped = output_error(e, out)
+        mapped = output_error(OSError(e.errno, e.strerror), out)  # the probe's own path is ours
         if mapped is not None:
             raise mapped from None
         raise
@@ -197,6 +197,12 @@ def _free_bytes(path: Path) -> int:
         return 0
 
 
+def _is_ours(p: Path, out: Path) -> bool:
+    """Whether ``p`` is the output, inside it, a hidden sibling of it, or a directory above it."""
+    return p in out.parents or any(q == out or (q.parent == out.parent and q.name.startswith(f".{out.name}."))
+                                   for q in (p, *p.parents))
+
+
 def output_error(e: BaseException, out: Path, written: int = 0, need_bytes: int | None = None) -> OutputError | None:
     """The :class:`OutputError` for an error raised while writing ``out``, or None if it is not an
     output problem. Reads ``OSError.errno``, or the ``os error N`` that safetensors (Rust) puts in
@@ -208,6 +214,8 @@ def output_error(e: BaseException, out: Path, written: int = 0, need_bytes: int 
     if code not in _OUTPUT_FIXES:
         return None
     where = out.parent.resolve()
+    if getattr(e, "filename", None) and not _is_ours(Path(e.filename).resolve(), where / out.name):
+        return None  # about a file that is not the output (the input, say)
     if code in (errno.ENOSPC, errno.EDQUOT):
         free = _free_bytes(where)  # after the partial output was removed
         if need_bytes:
