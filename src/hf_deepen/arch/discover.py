@@ -188,6 +188,24 @@ class DiscoveredSpec(ArchSpec):
                 owned.append(name)
         return tuple(owned)
 
+    def after_surgery(self, model: Any, layers: Any) -> None:
+        """Per-layer constants a block computes from its index or the config at construction (DiffLlama's
+        ``lambda_init``, a sliding window by layer type): each block is rebuilt on the meta device
+        with the new config and index, and every scalar attribute that differs is taken from it, so the
+        model in memory is the one ``from_pretrained`` rebuilds from the saved config."""
+        changed = refresh_constants(layers, self.layer_config(model.config))
+        if changed:
+            import warnings
+
+            from .spec import ArchitectureWarning
+
+            warnings.warn(
+                f"{self.name}: blocks compute constants from their index ({', '.join(changed[:4])}"
+                f"{', ...' if len(changed) > 4 else ''}); they were updated for the new positions, so layers that moved"
+                " up compute differently and the upscaled model is not function preserving",
+                ArchitectureWarning, stacklevel=3,
+            )
+
     def make_layer(self, method: str, sources: list[Mapping[str, Tensor]], shape: HeadShape, cfg: Any,
                    zero: Mapping[str, float] | None = None, dtype: torch.dtype = torch.float64, **context: Any):
         from ..fuse import make_layer
@@ -269,6 +287,32 @@ class DiscoveredSpec(ArchSpec):
                 if k in out:
                     out[k] = torch.full_like(out[k], v)
         return FusionResult(out, diag)
+
+
+_SCALARS = (int, float, bool, str)
+
+
+def refresh_constants(layers: torch.nn.ModuleList, config: Any) -> list[str]:
+    """See :meth:`DiscoveredSpec.after_surgery`; returns ``"i.module.attr"`` for each value changed."""
+    changed = []
+    for i, layer in enumerate(layers):
+        try:
+            with torch.device("meta"):
+                fresh = type(layer)(config, i)
+        except Exception:  # noqa: BLE001 - a block not built as cls(config, layer_idx): leave it
+            return changed
+        mods = dict(fresh.named_modules())
+        for name, mod in layer.named_modules():
+            ref = mods.get(name)
+            if ref is None or type(ref) is not type(mod):
+                continue
+            for attr, val in vars(ref).items():
+                if attr.startswith("_") or not isinstance(val, _SCALARS) or attr == "training":
+                    continue
+                if attr in vars(mod) and type(vars(mod)[attr]) is type(val) and vars(mod)[attr] != val:
+                    setattr(mod, attr, val)
+                    changed.append(f"{i}.{name}.{attr}")
+    return changed
 
 
 class _Nested:
