@@ -622,14 +622,19 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
                   isinstance(getattr(config, k, None), int)), None)
     kv = getattr(config, "num_key_value_heads", None) or heads
     hd = getattr(config, "head_dim", None) or (hidden // heads if heads else None)
+    # every Linear of the block by its full name (for units whose producer and reader are not siblings:
+    # BERT's intermediate.dense -> output.dense, attention.self.query -> attention.output.dense)
+    all_lins = [(f"{m}.{n}" if m else n, c) for m, mod in block.named_modules() for n, c in _linears(mod)]
+    covered: set[int] = set()
     for mname, mod in block.named_modules():
         pre = f"{mname}." if mname else ""
         lins = _linears(mod)
 
         def wb(n: str, dim: int, block_: int) -> list[tuple[str, int, int]]:
-            e = [(f"{pre}{n}.weight", dim, block_)]
-            if dim == 0 and f"{pre}{n}.bias" in state:
-                e.append((f"{pre}{n}.bias", 0, block_))
+            full = n[3:] if n.startswith("../") else f"{pre}{n}"  # "../": a full name in the block
+            e = [(f"{full}.weight", dim, block_)]
+            if dim == 0 and f"{full}.bias" in state:
+                e.append((f"{full}.bias", 0, block_))
             return e
 
         # MLP neurons: Linears that make n features, and those that read them
@@ -638,6 +643,7 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
             fused = [nm for nm, c in lins if c.out_features == 2 * n and c.in_features != n]
             cons = [nm for nm, c in lins if c.in_features == n]
             if prod and n > 1:
+                covered.add(n)
                 entries = [e for nm in prod for e in wb(nm, 0, 1)] + [e for nm in cons for e in wb(nm, 1, 1)]
                 out.append(UnitGroup(f"{pre}neurons", n, tuple(entries)))
             elif fused and n > 1:  # a fused [gate; up] (chunked) or interleaved projection
@@ -647,11 +653,20 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
         # KV-head groups: q (rows of g heads), k / v (rows of one head), o (columns of g heads)
         if heads and kv and hd and isinstance(kv, int) and kv > 1 and heads % kv == 0:
             hq, hkv, g = heads * hd, kv * hd, heads // kv
-            o = [nm for nm, c in lins if c.in_features == hq and c.out_features == hidden]
-            q = [nm for nm, c in lins if c.in_features == hidden and c.out_features == hq]
-            kvl = [nm for nm, c in lins if c.in_features == hidden and c.out_features == hkv]
-            if len(o) == 1 and ((hq == hkv and len(q) == 3) or (hq != hkv and len(q) == 1 and len(kvl) == 2)):
-                entries = [e for nm in q for e in wb(nm, 0, g * hd)] + wb(o[0], 1, g * hd)
+            ocands = [nm for nm, c in lins if c.in_features == hq and c.out_features == hidden]
+            sq = [nm for nm, c in lins if c.in_features == hidden and c.out_features == hq]
+            kvl = [nm for nm, c in lins if c.in_features == hidden and c.out_features == hkv] if hq != hkv else []
+            mine = {f"{pre}{nm}" for nm in sq + kvl}
+            far = [f"../{nm}" for nm, c in all_lins if c.in_features == hq and c.out_features == hidden and nm not in mine]
+            # o is told from q / k / v by trying each (verification keeps the one that is right)
+            options = []
+            need = 3 if hq == hkv else 1
+            for o in dict.fromkeys(ocands + (far if len(far) == 1 else [])):
+                q = [nm for nm in sq if nm != o]
+                if len(q) == need and (hq == hkv or len(kvl) == 2):
+                    options.append((q, o))
+            for q, o in options[:4]:
+                entries = [e for nm in q for e in wb(nm, 0, g * hd)] + wb(o, 1, g * hd)
                 if hq != hkv:
                     entries += [e for nm in kvl for e in wb(nm, 0, hd)]
                 used = {e[0] for e in entries}
@@ -691,6 +706,13 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
                           and t.dim() in (1, 2) and t.shape[0] == e_n and t.is_floating_point()]
                 if router:
                     out.append(UnitGroup(f"{pre}experts", e_n, tuple(router), ((mname, rest),)))
+    for n in sorted({c.in_features for _, c in all_lins} - {hidden} - covered):
+        prod = [nm for nm, c in all_lins if c.out_features == n and c.in_features != n]
+        cons = [nm for nm, c in all_lins if c.in_features == n]
+        if prod and n > 1:
+            entries = [(f"{nm}.weight", 0, 1) for nm in prod] + [(f"{nm}.bias", 0, 1) for nm in prod if f"{nm}.bias" in state]
+            entries += [(f"{nm}.weight", 1, 1) for nm in cons]
+            out.append(UnitGroup("neurons", n, tuple(entries)))
     return out
 
 
