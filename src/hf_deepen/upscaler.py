@@ -201,6 +201,7 @@ class DepthUpscaler:
         t1 = time.perf_counter()
         apply_plan(model, spec, plan, states)
         update_config(model.config, spec, plan)
+        spec.after_surgery(model, get_module(model, spec.layers_path))
         record_provenance(model.config, plan, cfg, self.base_model, spec)
         report.timings["surgery"] = time.perf_counter() - t1
         report.params_after = sum(p.numel() for p in model.parameters())

@@ -188,6 +188,24 @@ class DiscoveredSpec(ArchSpec):
                 owned.append(name)
         return tuple(owned)
 
+    def after_surgery(self, model: Any, layers: Any) -> None:
+        """Per-layer constants a block computes from its index or the config at construction (DiffLlama's
+        ``lambda_init``, a sliding window by layer type): each block is rebuilt on the meta device
+        with the new config and index, and every scalar attribute that differs is taken from it, so the
+        model in memory is the one ``from_pretrained`` rebuilds from the saved config."""
+        changed = refresh_constants(layers, self.layer_config(model.config))
+        if changed:
+            import warnings
+
+            from .spec import ArchitectureWarning
+
+            warnings.warn(
+                f"{self.name}: blocks compute constants from their index ({', '.join(changed[:4])}"
+                f"{', ...' if len(changed) > 4 else ''}); they were updated for the new positions, so layers that moved"
+                " up compute differently and the upscaled model is not function preserving",
+                ArchitectureWarning, stacklevel=3,
+            )
+
     def make_layer(self, method: str, sources: list[Mapping[str, Tensor]], shape: HeadShape, cfg: Any,
                    zero: Mapping[str, float] | None = None, dtype: torch.dtype = torch.float64, **context: Any):
         from ..fuse import make_layer
@@ -269,6 +287,32 @@ class DiscoveredSpec(ArchSpec):
                 if k in out:
                     out[k] = torch.full_like(out[k], v)
         return FusionResult(out, diag)
+
+
+_SCALARS = (int, float, bool, str)
+
+
+def refresh_constants(layers: torch.nn.ModuleList, config: Any) -> list[str]:
+    """See :meth:`DiscoveredSpec.after_surgery`; returns ``"i.module.attr"`` for each value changed."""
+    changed = []
+    for i, layer in enumerate(layers):
+        try:
+            with torch.device("meta"):
+                fresh = type(layer)(config, i)
+        except Exception:  # noqa: BLE001 - a block not built as cls(config, layer_idx): leave it
+            return changed
+        mods = dict(fresh.named_modules())
+        for name, mod in layer.named_modules():
+            ref = mods.get(name)
+            if ref is None or type(ref) is not type(mod):
+                continue
+            for attr, val in vars(ref).items():
+                if attr.startswith("_") or not isinstance(val, _SCALARS) or attr == "training":
+                    continue
+                if attr in vars(mod) and type(vars(mod)[attr]) is type(val) and vars(mod)[attr] != val:
+                    setattr(mod, attr, val)
+                    changed.append(f"{i}.{name}.{attr}")
+    return changed
 
 
 class _Nested:
@@ -578,14 +622,19 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
                   isinstance(getattr(config, k, None), int)), None)
     kv = getattr(config, "num_key_value_heads", None) or heads
     hd = getattr(config, "head_dim", None) or (hidden // heads if heads else None)
+    # every Linear of the block by its full name (for units whose producer and reader are not siblings:
+    # BERT's intermediate.dense -> output.dense, attention.self.query -> attention.output.dense)
+    all_lins = [(f"{m}.{n}" if m else n, c) for m, mod in block.named_modules() for n, c in _linears(mod)]
+    covered: set[int] = set()
     for mname, mod in block.named_modules():
         pre = f"{mname}." if mname else ""
         lins = _linears(mod)
 
         def wb(n: str, dim: int, block_: int) -> list[tuple[str, int, int]]:
-            e = [(f"{pre}{n}.weight", dim, block_)]
-            if dim == 0 and f"{pre}{n}.bias" in state:
-                e.append((f"{pre}{n}.bias", 0, block_))
+            full = n[3:] if n.startswith("../") else f"{pre}{n}"  # "../": a full name in the block
+            e = [(f"{full}.weight", dim, block_)]
+            if dim == 0 and f"{full}.bias" in state:
+                e.append((f"{full}.bias", 0, block_))
             return e
 
         # MLP neurons: Linears that make n features, and those that read them
@@ -594,6 +643,7 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
             fused = [nm for nm, c in lins if c.out_features == 2 * n and c.in_features != n]
             cons = [nm for nm, c in lins if c.in_features == n]
             if prod and n > 1:
+                covered.add(n)
                 entries = [e for nm in prod for e in wb(nm, 0, 1)] + [e for nm in cons for e in wb(nm, 1, 1)]
                 out.append(UnitGroup(f"{pre}neurons", n, tuple(entries)))
             elif fused and n > 1:  # a fused [gate; up] (chunked) or interleaved projection
@@ -603,11 +653,20 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
         # KV-head groups: q (rows of g heads), k / v (rows of one head), o (columns of g heads)
         if heads and kv and hd and isinstance(kv, int) and kv > 1 and heads % kv == 0:
             hq, hkv, g = heads * hd, kv * hd, heads // kv
-            o = [nm for nm, c in lins if c.in_features == hq and c.out_features == hidden]
-            q = [nm for nm, c in lins if c.in_features == hidden and c.out_features == hq]
-            kvl = [nm for nm, c in lins if c.in_features == hidden and c.out_features == hkv]
-            if len(o) == 1 and ((hq == hkv and len(q) == 3) or (hq != hkv and len(q) == 1 and len(kvl) == 2)):
-                entries = [e for nm in q for e in wb(nm, 0, g * hd)] + wb(o[0], 1, g * hd)
+            ocands = [nm for nm, c in lins if c.in_features == hq and c.out_features == hidden]
+            sq = [nm for nm, c in lins if c.in_features == hidden and c.out_features == hq]
+            kvl = [nm for nm, c in lins if c.in_features == hidden and c.out_features == hkv] if hq != hkv else []
+            mine = {f"{pre}{nm}" for nm in sq + kvl}
+            far = [f"../{nm}" for nm, c in all_lins if c.in_features == hq and c.out_features == hidden and nm not in mine]
+            # o is told from q / k / v by trying each (verification keeps the one that is right)
+            options = []
+            need = 3 if hq == hkv else 1
+            for o in dict.fromkeys(ocands + (far if len(far) == 1 else [])):
+                q = [nm for nm in sq if nm != o]
+                if len(q) == need and (hq == hkv or len(kvl) == 2):
+                    options.append((q, o))
+            for q, o in options[:4]:
+                entries = [e for nm in q for e in wb(nm, 0, g * hd)] + wb(o, 1, g * hd)
                 if hq != hkv:
                     entries += [e for nm in kvl for e in wb(nm, 0, hd)]
                 used = {e[0] for e in entries}
@@ -647,6 +706,13 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
                           and t.dim() in (1, 2) and t.shape[0] == e_n and t.is_floating_point()]
                 if router:
                     out.append(UnitGroup(f"{pre}experts", e_n, tuple(router), ((mname, rest),)))
+    for n in sorted({c.in_features for _, c in all_lins} - {hidden} - covered):
+        prod = [nm for nm, c in all_lins if c.out_features == n and c.in_features != n]
+        cons = [nm for nm, c in all_lins if c.in_features == n]
+        if prod and n > 1:
+            entries = [(f"{nm}.weight", 0, 1) for nm in prod] + [(f"{nm}.bias", 0, 1) for nm in prod if f"{nm}.bias" in state]
+            entries += [(f"{nm}.weight", 1, 1) for nm in cons]
+            out.append(UnitGroup("neurons", n, tuple(entries)))
     return out
 
 

@@ -201,6 +201,9 @@ class ArchSpec:
         """
         return ()
 
+    def after_surgery(self, model: Any, layers: Any) -> None:
+        """Called after the new layers are in place and the config updated (default: nothing)."""
+
     # ---- function preservation ------------------------------------------------------------
     def can_preserve(self, config: Any) -> bool:
         """Whether zero-init can make a new layer the identity for this config (False for post-LN)."""
