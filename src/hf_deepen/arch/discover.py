@@ -294,8 +294,16 @@ _SCALARS = (int, float, bool, str)
 
 def refresh_constants(layers: torch.nn.ModuleList, config: Any) -> list[str]:
     """See :meth:`DiscoveredSpec.after_surgery`; returns ``"i.module.attr"`` for each value changed."""
+    import inspect
+
     changed = []
     for i, layer in enumerate(layers):
+        try:
+            params = list(inspect.signature(type(layer).__init__).parameters)
+        except (TypeError, ValueError):
+            return changed
+        if len(params) < 3 or params[2] not in ("layer_idx", "layer_id", "layer_index"):
+            return changed  # not built as cls(config, layer_idx): leave it
         try:
             with torch.device("meta"):
                 fresh = type(layer)(config, i)
