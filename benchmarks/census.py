@@ -431,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--types", nargs="*", help="model types (default: all causal-LM types)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per type before the worker is killed")
     p.add_argument("--no-write", action="store_true", help="print only; do not write results or docs")
+    p.add_argument("--merge", action="store_true",
+                   help="with --types: rerun those types and replace their rows in the existing census.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -440,8 +442,13 @@ def main(argv: list[str] | None = None) -> None:
     types = a.types or all_types()
     t0 = time.perf_counter()
     rows = sweep(types, a.timeout)
-    s = summarize(rows)
     secs = time.perf_counter() - t0
+    if a.merge:
+        old = json.loads((RESULTS / "census.json").read_text())
+        new = {r["model_type"]: r for r in rows}
+        rows = [new.pop(r["model_type"], r) for r in old["rows"]] + list(new.values())
+        secs = old["meta"]["seconds"]
+    s = summarize(rows)
     print(json.dumps(s, indent=1))
     print(f"{secs:.0f} s")
     if not a.no_write:

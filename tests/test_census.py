@@ -74,3 +74,26 @@ def test_multimodal_wrapper_keeps_vision_tower_and_counts_text_layers():
     assert model.config.text_config.num_hidden_layers == 6 and len(model.model.language_model.layers) == 6
     after = model.model.vision_tower.state_dict()
     assert all((after[k] == v).all() for k, v in vision.items())
+
+
+def test_deepseek_v3_mla_latent_ranks_and_experts_are_proven_units():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=1, vocab_size=256, max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    census._randomize(model)
+    spec = DepthUpscaler(model).spec
+    units = {(g.name, g.n) for f in spec.facts.values() for g in f.groups}
+    # the q latent ranks move with the gain of the norm between q_a_proj and q_b_proj
+    assert ("self_attn.neurons", 32) in units and ("mlp.experts.experts", 4) in units
+    ids = torch.randint(0, 256, (1, 7))
+    ref = census.logits(model, ids)
+    rec = census.run_method(model, ids, ref, "opt", save=False)
+    assert rec["status"] == "fp" and rec["cache"], rec

@@ -294,8 +294,16 @@ _SCALARS = (int, float, bool, str)
 
 def refresh_constants(layers: torch.nn.ModuleList, config: Any) -> list[str]:
     """See :meth:`DiscoveredSpec.after_surgery`; returns ``"i.module.attr"`` for each value changed."""
+    import inspect
+
     changed = []
     for i, layer in enumerate(layers):
+        try:
+            params = list(inspect.signature(type(layer).__init__).parameters)
+        except (TypeError, ValueError):
+            return changed
+        if len(params) < 3 or params[2] not in ("layer_idx", "layer_id", "layer_index"):
+            return changed  # not built as cls(config, layer_idx): leave it
         try:
             with torch.device("meta"):
                 fresh = type(layer)(config, i)
@@ -576,7 +584,7 @@ def _probe_block(block: torch.nn.Module, call: tuple, config: Any) -> LayerFacts
             return NO_FACTS
         writers = _writers(block, params, perturbed, _units(block, order), run, x)
         block.load_state_dict(perturbed)
-        groups, refused = _proven_groups(block, perturbed, y_ref, run, config, x.shape[-1])
+        groups, refused = _proven_groups(block, perturbed, y_ref, run, config, x.shape[-1], x)
         return LayerFacts(writers, groups, refused)
     finally:
         for h in hooks:
@@ -645,6 +653,12 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
             if prod and n > 1:
                 covered.add(n)
                 entries = [e for nm in prod for e in wb(nm, 0, 1)] + [e for nm in cons for e in wb(nm, 1, 1)]
+                # a norm between them (MLA's q_a_layernorm over the latent ranks): its gain moves too
+                used = {e[0] for e in entries}
+                gains = [(k, 0, 1) for k, t in state.items() if k.startswith(pre) and k not in used and t.dim() == 1
+                         and t.shape[0] == n and t.is_floating_point()]
+                if gains:
+                    out.append(UnitGroup(f"{pre}neurons", n, tuple(entries + gains)))
                 out.append(UnitGroup(f"{pre}neurons", n, tuple(entries)))
             elif fused and n > 1:  # a fused [gate; up] (chunked) or interleaved projection
                 for block in (-2, 2):
@@ -716,13 +730,13 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
     return out
 
 
-def _proven_groups(block, perturbed, y_ref, run, config, hidden) -> tuple[tuple[UnitGroup, ...], tuple[str, ...]]:
+def _proven_groups(block, perturbed, y_ref, run, config, hidden, x_in=None) -> tuple[tuple[UnitGroup, ...], tuple[str, ...]]:
     kept: list[UnitGroup] = []
     refused: list[str] = []
     taken: set[tuple[str, int]] = set()
     rng = random.Random(0)
     for g in _candidates(block, config, hidden):
-        if any(g.name == k.name for k in kept):
+        if any(g.name == k.name and g.n == k.n for k in kept):
             continue  # (the variant without extra tensors, tried only if the full one failed)
         if g.keys() & taken:
             continue
@@ -731,19 +745,43 @@ def _proven_groups(block, perturbed, y_ref, run, config, hidden) -> tuple[tuple[
             rng.shuffle(perm)
         idx = torch.tensor(perm)
         state = dict(perturbed)
+        # the proof is checked where it is sharpest: on the outputs of the modules that read the
+        # units (o_proj, down_proj, ...), whose outputs must not change at all, as well as on the
+        # block's output; the residual stream would hide a small error in a weak path
+        readers = sorted({k.rpartition(".")[0] for k, d, _ in g.entries if d == 1})
+        mods = dict(block.named_modules())
+        seen: dict[str, list[Tensor]] = {}
+        hooks = [mods[r].register_forward_hook(lambda m, a, o, r=r: seen.setdefault(r, []).append(o.detach().clone()))
+                 for r in readers if r in mods and r]
         try:
+            y0 = run()
+            ref_out = {r: v for r, v in seen.items()}
+            seen.clear()
             apply_units(state, g, lambda u: u[idx])
             block.load_state_dict(state)
             y = run()
         except Exception:  # noqa: BLE001
-            y = None
+            y, y0, ref_out = None, None, {}
         finally:
+            for h in hooks:
+                h.remove()
             block.load_state_dict(perturbed)
-        scale = 1e-4 * (1.0 + float(y_ref.float().abs().max()))
-        if y is not None and y.shape == y_ref.shape and float((y.float() - y_ref.float()).abs().max()) <= scale:
+        ok = y is not None and y0 is not None and y.shape == y_ref.shape
+        if ok:
+            delta = float((y0.float() - x_in.float()).abs().max()) if x_in is not None and x_in.shape == y0.shape else 1.0
+            ok = float((y.float() - y0.float()).abs().max()) <= 1e-5 * (delta + 1e-3 * float(y0.float().abs().max()))
+        for r, outs in ref_out.items():
+            new = seen.get(r, [])
+            if not ok or len(new) != len(outs):
+                ok = False
+                break
+            for a, b in zip(outs, new):
+                if a.shape != b.shape or float((a.float() - b.float()).abs().max()) > 1e-5 * float(a.float().abs().max()) + 1e-12:
+                    ok = False
+        if ok:
             kept.append(g)
             taken |= g.keys()
         else:
             refused.append(f"{g.name} ({g.n}): permuting them changed the block output")
-    refused = [r for r in refused if not any(r.startswith(f"{k.name} ") for k in kept)]
+    refused = [r for r in refused if not any(r.startswith(f"{k.name} ({k.n})") for k in kept)]
     return tuple(kept), tuple(dict.fromkeys(refused))
