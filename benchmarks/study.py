@@ -698,12 +698,11 @@ def report(results: Path, readme: Path | None) -> str:
 def parse_deadline(s: str | None) -> float | None:
     if not s:
         return None
-    if ":" in s:  # HH:MM UTC: the next such time, unless it passed less than 12 hours ago (then: stop now)
+    if ":" in s:  # HH:MM UTC, the occurrence nearest to now (one that passed < 12 h ago: stop now)
         h, m = map(int, s.split(":"))
         now = _dt.datetime.now(_dt.timezone.utc)
         t = now.replace(hour=h, minute=m, second=0, microsecond=0)
-        if t <= now - _dt.timedelta(hours=12):
-            t += _dt.timedelta(days=1)
+        t = min((t + _dt.timedelta(days=d) for d in (-1, 0, 1)), key=lambda x: abs((x - now).total_seconds()))
         return t.timestamp()
     return time.time() + float(s)
 
