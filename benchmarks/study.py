@@ -698,12 +698,11 @@ def report(results: Path, readme: Path | None) -> str:
 def parse_deadline(s: str | None) -> float | None:
     if not s:
         return None
-    if ":" in s:  # HH:MM UTC today (tomorrow if already past)
+    if ":" in s:  # HH:MM UTC, the occurrence nearest to now (one that passed < 12 h ago: stop now)
         h, m = map(int, s.split(":"))
         now = _dt.datetime.now(_dt.timezone.utc)
         t = now.replace(hour=h, minute=m, second=0, microsecond=0)
-        if t <= now:
-            t += _dt.timedelta(days=1)
+        t = min((t + _dt.timedelta(days=d) for d in (-1, 0, 1)), key=lambda x: abs((x - now).total_seconds()))
         return t.timestamp()
     return time.time() + float(s)
 

@@ -70,3 +70,16 @@ def test_study_caches_resumes_and_reports(study, tmp_path, one_thread):
     text = (tmp_path / "b" / "README.md").read_text()
     assert text.count(study.BEGIN) == 1 and text.count(study.END) == 1
     assert (tmp_path / "b" / "res" / "summary.csv").exists()
+
+
+def test_time_limit_clock_and_seconds(study):
+    import datetime as dt
+    import time
+
+    now = dt.datetime.now(dt.timezone.utc)
+    past = (now - dt.timedelta(hours=1)).strftime("%H:%M")
+    soon = (now + dt.timedelta(hours=1)).strftime("%H:%M")
+    assert study.parse_deadline(past) <= time.time()  # already passed today: stop now, not tomorrow
+    assert 0 < study.parse_deadline(soon) - time.time() <= 3600
+    assert abs(study.parse_deadline("60") - time.time() - 60) < 5
+    assert study.parse_deadline(None) is None
