@@ -26,7 +26,7 @@ import torch
 from .arch.registry import _SPECS, ADD_A_FAMILY
 from .config import UpscaleConfig
 from .errors import ConfigError, UnsupportedArchitectureError, UnsupportedModelError
-from .fuse import build_layer_state
+from .fuse import add_stage_seconds, build_layer_state
 from .io import atomic_save, model_card, write_json
 from .layouts import build_plan
 from .report import UpscaleReport
@@ -390,6 +390,7 @@ def upscale_checkpoint(
             timings["align+fuse"] += time.perf_counter() - ta
             report.layers.append({"index": i, "sources": list(s.sources), "method": cfg.method, "diagnostics": res.diagnostics})
             DepthUpscaler._check(res.diagnostics, i, report)
+            add_stage_seconds(timings, res.diagnostics)  # cost / assign / fuse, inside align+fuse
             d = res.diagnostics
             logger.info("new layer %d from %s: %.1f s (align %.1f s, fuse %.1f s)", i, list(s.sources),
                         time.perf_counter() - ta, d.get("seconds_align", 0.0), d.get("seconds_fuse", 0.0))

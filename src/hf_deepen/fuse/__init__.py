@@ -269,4 +269,13 @@ def build_layer_state(
     return res
 
 
-__all__ = ["FusionResult", "build_layer_state", "make_layer", "register_fusion", "restore_norms", "retained_norm"]
+def add_stage_seconds(timings: dict[str, float], diagnostics: Mapping[str, float]) -> None:
+    """Accumulate one new layer's OT stages into a report's ``timings``: ``cost`` (cost matrices),
+    ``assign`` (the plans: assignment and certificate, or Sinkhorn) and ``fuse`` seconds."""
+    d = diagnostics
+    for key, parts in (("cost", ("seconds_heads", "seconds_neuron_cost")), ("assign", ("seconds_neuron_solve",)),
+                       ("fuse", ("seconds_fuse",))):
+        timings[key] = timings.get(key, 0.0) + sum(float(d.get(p, 0.0)) for p in parts)
+
+
+__all__ = ["FusionResult", "add_stage_seconds", "build_layer_state", "make_layer", "register_fusion", "restore_norms", "retained_norm"]
