@@ -50,6 +50,9 @@ BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
 SHAPES: dict[str, dict[str, Any]] = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+    # the 1.6 GiB bf16 checkpoint of benchmarks/cli_memory.py (TinyLlama-like, 16 layers)
+    "1b6": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=False),
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, head_dim=8, vocab_size=256, tie_word_embeddings=False),
 }
@@ -266,6 +269,8 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
     for method in args.methods.split(","):
         solver = method.split("-")[1]
         cfg: dict[str, Any] = {"method": "opt", "solver": solver}
+        if getattr(args, "device", None):
+            cfg["device"] = args.device
         label = "full (all new layers)"
         k = args.sinkhorn_layers if solver == "sinkhorn" else args.exact_layers
         if name == "8b" and k:
@@ -381,6 +386,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--no-readme", action="store_true")
     p.add_argument("--no-in-memory", action="store_true")
+    p.add_argument("--device", default=None, help="where OT runs (UpscaleConfig.device; default auto: cuda if available)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument("--inline", action="store_true", help="run upscales in this process (fast start; RSS not isolated)")
     p.add_argument("--report-only", action="store_true", help="rewrite the CSV and README table from OUT/scale.json")

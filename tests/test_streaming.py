@@ -35,3 +35,11 @@ def test_streaming_refuses_and_leaves_nothing(tmp_path):
         upscale_checkpoint(tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["empty"]
+
+
+def test_streaming_report_has_the_stage_breakdown(tmp_path):
+    tiny_model("gqa").save_pretrained(tmp_path / "base")
+    rep = upscale_checkpoint(tmp_path / "base", tmp_path / "out", method="opt")
+    t = rep.timings
+    assert {"read", "cost", "assign", "fuse", "write", "align+fuse"} <= set(t)
+    assert 0 < t["cost"] + t["assign"] + t["fuse"] <= t["align+fuse"]

@@ -14,7 +14,7 @@ from .arch import get_module, get_spec
 from .arch.spec import ArchSpec
 from .config import UpscaleConfig
 from .errors import AlignmentWarning, ConfigError, UnsupportedModelError
-from .fuse import build_layer_state
+from .fuse import add_stage_seconds, build_layer_state
 from .io import atomic_save, model_card, prepare_model, write_json
 from .layouts import build_plan
 from .plan import DepthPlan
@@ -195,6 +195,7 @@ class DepthUpscaler:
             states[i] = res.canon
             report.layers.append({"index": i, "sources": list(src.sources), "method": cfg.method, "diagnostics": res.diagnostics})
             self._check(res.diagnostics, i, report)
+            add_stage_seconds(report.timings, res.diagnostics)  # cost / assign / fuse, inside align+fuse
         report.timings["align+fuse"] = align_s
         report.timings["build"] = time.perf_counter() - t0
 

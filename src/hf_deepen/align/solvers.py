@@ -220,15 +220,28 @@ def _duals(C: Tensor, sigma: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, Tens
     inv[sigma] = torch.arange(n)
     base = C[torch.arange(n), sigma].to(torch.float64)
     dst, w = inv[c], C[r, c].to(torch.float64) - base[r]
+    d = _bellman_ford(n, r, dst, w)
+    if d is None:
+        return None  # a negative cycle (sigma can be improved on these edges), or the pass cap
+    v = torch.empty(n, dtype=torch.float64)
+    v[sigma] = d
+    return base - v[sigma], v
+
+
+def _bellman_ford(n: int, src: Tensor, dst: Tensor, w: Tensor) -> Tensor | None:
+    """Shortest distances ``d <= 0`` from a virtual source joined to all ``n`` nodes by 0-weight arcs,
+    over the arcs ``src -> dst`` of weight ``w`` (all relaxed per pass, in preallocated buffers: no
+    allocation per pass); None on a negative cycle or after :data:`SPARSE_MAX_PASSES` passes."""
     d = torch.zeros(n, dtype=torch.float64)
+    nd = torch.empty_like(d)
+    cand = torch.empty(len(src), dtype=torch.float64)
     for _ in range(min(n + 1, SPARSE_MAX_PASSES)):
-        nd = d.clone().scatter_reduce_(0, dst, d[r] + w, reduce="amin")
+        torch.index_select(d, 0, src, out=cand).add_(w)
+        nd.copy_(d).scatter_reduce_(0, dst, cand, reduce="amin")
         if torch.equal(nd, d):
-            v = torch.empty(n, dtype=torch.float64)
-            v[sigma] = d
-            return base - v[sigma], v
-        d = nd
-    return None  # a negative cycle (sigma can be improved on these edges), or the pass cap
+            return d
+        d, nd = nd, d
+    return None
 
 
 def _candidates(C: Tensor, k: int) -> Tensor:
@@ -350,13 +363,8 @@ def _certify_true(C: Tensor, sigma: Tensor, u: Tensor, v: Tensor, oracle: "SqDis
     inv = torch.empty(n, dtype=torch.int64)
     inv[sigma] = ar
     dst = inv[cj]
-    d = torch.zeros(n, dtype=torch.float64)
-    for _ in range(min(n + 1, SPARSE_MAX_PASSES)):
-        nd = d.clone().scatter_reduce_(0, dst, d[ri] + w, reduce="amin") if len(ri) else d
-        if torch.equal(nd, d):
-            break
-        d = nd
-    else:
+    d = _bellman_ford(n, ri, dst, w)
+    if d is None:
         return False  # a negative cycle: sigma is not optimal for T (or the pass cap)
     shift = float(-d.min())
     oracle.repair = shift
@@ -667,6 +675,12 @@ def pairwise_sq_dists(
     return out
 
 
+def _sq_norms(X: Tensor) -> Tensor:
+    """Squared row norms of ``X`` in float64, over row blocks (no full-size temporary)."""
+    step = _rows(X.shape[1])
+    return torch.cat([X[i : i + step].square().sum(1, dtype=torch.float64) for i in range(0, X.shape[0], step)])
+
+
 class SqDistCost:
     r"""Squared distances between units from per-unit feature blocks: a fast matrix and exact entries.
 
@@ -699,9 +713,17 @@ class SqDistCost:
     def _conv(self, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         return t.to(self.device, dtype or self.cdt, copy=True).div_(self.s)
 
-    def matrix(self, out_dtype: torch.dtype | None = None, block: int = 2048) -> Tensor:
+    def matrix(self, out_dtype: torch.dtype | None = None, block: int = 1024) -> Tensor:
         """All distances, ``[n_a, n_b]`` in ``out_dtype`` (default: the compute dtype, float32 unless
         an input is float64), on ``device``."""
+        prec = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")  # IEEE float32 (no TF32): error_bounds() relies on it
+        try:
+            return self._matrix(out_dtype, block)
+        finally:
+            torch.set_float32_matmul_precision(prec)
+
+    def _matrix(self, out_dtype: torch.dtype | None, block: int) -> Tensor:
         n_a, n_b = self.parts_a[0].shape[0], self.parts_b[0].shape[0]
         dev, cdt = self.device, self.cdt
         out = torch.zeros(n_a, n_b, dtype=out_dtype or cdt, device=dev)
@@ -709,17 +731,22 @@ class SqDistCost:
         nb = torch.zeros(n_b, dtype=torch.float64, device=dev)
         for pa, pb in zip(self.parts_a, self.parts_b):
             B = self._conv(pb)
-            nb += B.square().sum(1, dtype=torch.float64)
+            nb += _sq_norms(B)
             for i in range(0, n_a, block):
                 A = self._conv(pa[i : i + block])
-                na[i : i + block] += A.square().sum(1, dtype=torch.float64)
-                out[i : i + block].add_(A @ B.T)
+                na[i : i + block] += _sq_norms(A)
+                if out.dtype == cdt:
+                    out[i : i + block].addmm_(A, B.T)  # no product temporary
+                else:
+                    out[i : i + block].add_(A @ B.T)
                 del A
             del B
         s2 = self.s * self.s
-        for i in range(0, n_a, block):  # -2 ab + |a|^2 + |b|^2, in float64 per block, then rounded once
-            blk = out[i : i + block].to(torch.float64).mul_(-2.0).add_(na[i : i + block, None]).add_(nb[None, :])
-            out[i : i + block] = blk.clamp_min_(0.0).mul_(s2)
+        step = _rows(n_b)
+        for i in range(0, n_a, step):  # -2 ab + |a|^2 + |b|^2, in float64 per block, then rounded once
+            blk = out[i : i + step].to(torch.float64).mul_(-2.0).add_(na[i : i + step, None]).add_(nb[None, :])
+            out[i : i + step] = blk.clamp_min_(0.0).mul_(s2)
+            del blk
         self._norms = (na * s2, nb * s2)
         return out
 

@@ -113,19 +113,21 @@ def restore_norms(fused: dict[str, Tensor], a: Canon, b: Canon) -> None:
 
 
 def _fuse_roles(
-    a: Canon, b: Canon, cfg: UpscaleConfig, dtype: torch.dtype, align: Callable[[str, Tensor], Tensor] | None = None
+    a: Canon, b: Canon, cfg: UpscaleConfig, dtype: torch.dtype, align: Callable[[str, Tensor], Tensor] | None = None,
+    consume: bool = False,
 ) -> FusionResult:
     """``(1 - w) * align(a) + w * b`` role by role, each cast to ``dtype`` before the next.
 
     Arithmetic is float32 per role (:func:`~hf_deepen.align.solvers.work_dtype`: exact for the
     inputs of bf16/fp16 weights, float64 only for float64 weights), and only one role is ever held
     widened: an 8B layer is 0.87 GB in float32, its largest role 0.23 GB.
-    ``align(role, tensor)`` moves A's units into B's order (default: leave them).
+    ``align(role, tensor)`` moves A's units into B's order (default: leave them). ``consume``:
+    ``a`` and ``b`` are the caller's to drop, role by role (streaming: less memory at the peak).
     """
     w = cfg.fusion_weight
     fused: dict[str, Tensor] = {}
     num = den = num_avg = 0.0
-    for r in b:
+    for r in list(b):
         if r in _MATRICES:
             na, nb, nm = _norms(a[r], b[r], w)
             den += 0.5 * (na + nb)
@@ -148,6 +150,9 @@ def _fuse_roles(
             num += float(f.norm())
         fused[r] = _restore(r, f, target, inplace=True).to(dtype)  # f is ours: no second float64 copy
         del f
+        if consume:  # the caller gave the sources up: each role is freed as soon as it is fused
+            a.pop(r, None)
+            b.pop(r, None)
     diag = {"retained_norm": num / den if den > 0 else 1.0}
     if align is not None:
         diag["retained_norm_avg"] = num_avg / den if den > 0 else 1.0
@@ -156,7 +161,7 @@ def _fuse_roles(
 
 @register_fusion("opt")
 def fuse_opt(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, dtype: torch.dtype = torch.float64,
-             costs: Mapping[str, Tensor] | None = None, **_: object) -> FusionResult:
+             costs: Mapping[str, Tensor] | None = None, consume: bool = False, **_: object) -> FusionResult:
     """OpT-DeUS: align the lower layer's heads and neurons (and experts) to the upper layer, then average.
 
     ``costs``: cost matrices that replace the weight-based ones (``align_on="activations"``)."""
@@ -165,7 +170,7 @@ def fuse_opt(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, dtype: 
     al = align_layer_pair(a, b, shape, cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter, costs=costs,
                           device=resolve_device(cfg.device))
     t1 = time.perf_counter()
-    res = _fuse_roles(a, b, cfg, dtype, al.apply_role)
+    res = _fuse_roles(a, b, cfg, dtype, al.apply_role, consume=consume)
     diag = al.diagnostics()
     diag.update(res.diagnostics)
     diag["seconds_fuse"] = time.perf_counter() - t1
@@ -178,7 +183,7 @@ def fuse_avg(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, dtype: 
              **_: object) -> FusionResult:
     """Avg-DeUS: the plain (weighted) mean of the two neighbours, units left in place."""
     a, b = sources
-    return _fuse_roles(a, b, cfg, dtype)
+    return _fuse_roles(a, b, cfg, dtype, consume=bool(_.get("consume")))
 
 
 @register_fusion("copy")
@@ -231,7 +236,8 @@ def build_layer_state(
     the streaming paths, so both give the same tensors). ``where`` names the model in errors.
 
     The result's ``canon`` holds the layer's *state dict* (named as the family names it), cast to
-    the dtype and device of the first source.
+    the dtype and device of the first source. ``consume=True`` (in ``context``): the caller hands the
+    source dicts over; they are emptied and each role is freed once fused.
     """
     from ..errors import UnsupportedArchitectureError
 
@@ -248,8 +254,11 @@ def build_layer_state(
                 )
             spec.check_shapes(canon, shape, where)
         canons.append(canon)
-    ref = sources[0]
-    dtypes = {t.dtype for t in ref.values()}
+    ref = {k: (t.dtype, t.device) for k, t in sources[0].items()}
+    if context.get("consume"):  # the canonical views hold the tensors now; fused roles are freed one by one
+        for state in sources:
+            state.clear()
+    dtypes = {d for d, _ in ref.values()}
     # one dtype for the whole layer (the usual case): fuse straight into it, role by role, so a
     # float64 copy of the whole layer never exists; the cast is the same either way
     fuse = getattr(spec, "make_layer", make_layer)  # a discovered spec fuses its own proven units (opt)
@@ -257,8 +266,17 @@ def build_layer_state(
                      dtype=dtypes.pop() if len(dtypes) == 1 else torch.float64, **context)
     del canons
     out = spec.from_canonical(res.canon)
-    res.canon = {k: v.to(dtype=ref[k].dtype, device=ref[k].device) for k, v in out.items()}
+    res.canon = {k: v.to(dtype=ref[k][0], device=ref[k][1]) for k, v in out.items()}
     return res
 
 
-__all__ = ["FusionResult", "build_layer_state", "make_layer", "register_fusion", "restore_norms", "retained_norm"]
+def add_stage_seconds(timings: dict[str, float], diagnostics: Mapping[str, float]) -> None:
+    """Accumulate one new layer's OT stages into a report's ``timings``: ``cost`` (cost matrices),
+    ``assign`` (the plans: assignment and certificate, or Sinkhorn) and ``fuse`` seconds."""
+    d = diagnostics
+    for key, parts in (("cost", ("seconds_heads", "seconds_neuron_cost")), ("assign", ("seconds_neuron_solve",)),
+                       ("fuse", ("seconds_fuse",))):
+        timings[key] = timings.get(key, 0.0) + sum(float(d.get(p, 0.0)) for p in parts)
+
+
+__all__ = ["FusionResult", "add_stage_seconds", "build_layer_state", "make_layer", "register_fusion", "restore_norms", "retained_norm"]
