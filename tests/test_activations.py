@@ -46,7 +46,7 @@ def test_shuffled_layer_is_recovered_from_activations(family, solver):
     aligned = al.apply(canon_a)
     atol = 1e-6 if solver == "exact" else 1e-3
     for k, v in canon_b.items():
-        assert torch.allclose(aligned[k], v.to(torch.float64), rtol=0, atol=atol), f"{family}/{solver}: {k}"
+        assert torch.allclose(aligned[k].double(), v.double(), rtol=0, atol=atol), f"{family}/{solver}: {k}"
     # and the weight-free cost of the recovered plan is ~0 (identical units)
     assert al.neurons.cost < 1e-6 and al.heads.cost < 1e-6
 

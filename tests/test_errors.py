@@ -83,9 +83,21 @@ class ToyModel(PreTrainedModel):
         self.model.layers = torch.nn.ModuleList(torch.nn.GRUCell(8, 8) for _ in range(2))
 
 
-def test_unknown_family_names_model_type_and_tensors():
-    with pytest.raises(UnsupportedArchitectureError, match=r"toy_rnn.*not supported yet.*weight_ih.*Adding a family"):
-        DepthUpscaler(ToyModel(ToyConfig()))
+def test_unknown_family_is_discovered_and_ot_refused_with_the_reason():
+    # no spec and not Llama-shaped: the stack is found by its length; copies work, OT needs proven units
+    up = DepthUpscaler(ToyModel(ToyConfig()))
+    assert up.spec.name == "discovered:toy_rnn" and not up.spec.can_preserve(up.model.config)
+    with pytest.raises(UnsupportedArchitectureError, match=r"discovered:toy_rnn.*no unit whose permutation.*avg"):
+        up.upscale(method="opt", num_layers=3)
+    up.upscale(method="copy", num_layers=3, zero_init=False)
+    assert len(up.model.model.layers) == 3 and up.model.config.num_hidden_layers == 3
+
+
+def test_no_decoder_stack_names_the_layer_count():
+    model = ToyModel(ToyConfig())
+    model.config.num_hidden_layers = 5  # no ModuleList of 5 blocks anywhere
+    with pytest.raises(UnsupportedArchitectureError, match=r"toy_rnn.*no ModuleList.*num_hidden_layers=5"):
+        DepthUpscaler(model)
 
 
 def test_not_a_pretrained_model():

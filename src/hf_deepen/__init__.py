@@ -4,11 +4,16 @@ from ._version import __version__
 from .config import UpscaleConfig
 from .errors import (
     AlignmentWarning,
+    CheckpointError,
     ConfigError,
     DeepenError,
+    Interrupted,
+    ModelNotFoundError,
+    OutputError,
     PlanError,
     UnsupportedArchitectureError,
     UnsupportedModelError,
+    WeightError,
 )
 from .plan import DepthPlan
 from .provenance import new_layer_indices, provenance
@@ -17,14 +22,19 @@ from .upscaler import DepthUpscaler
 
 __all__ = [
     "AlignmentWarning",
+    "CheckpointError",
     "ConfigError",
     "DeepenError",
     "DepthPlan",
     "DepthUpscaler",
+    "Interrupted",
+    "ModelNotFoundError",
+    "OutputError",
     "PlanError",
     "UnsupportedArchitectureError",
     "UnsupportedModelError",
     "UpscaleConfig",
+    "WeightError",
     "__version__",
     "new_layer_indices",
     "provenance",

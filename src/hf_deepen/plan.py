@@ -33,6 +33,8 @@ class DepthPlan:
     base_num_layers: int
     layers: tuple[LayerSource, ...]
     layout: str
+    #: why the positions were chosen (``layout="auto"``: the calibration scores and the rule); else None
+    reason: str | None = None
 
     @property
     def num_layers(self) -> int:
@@ -58,12 +60,13 @@ class DepthPlan:
             "layout": self.layout,
             "new_layer_indices": self.new_layer_indices,
             "layers": [s.to_dict() for s in self.layers],
+            **({"reason": self.reason} if self.reason else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DepthPlan":
         layers = tuple(LayerSource(s["kind"], tuple(s["sources"]), s.get("method")) for s in d["layers"])
-        return cls(base_num_layers=d["base_num_layers"], layers=layers, layout=d["layout"])
+        return cls(base_num_layers=d["base_num_layers"], layers=layers, layout=d["layout"], reason=d.get("reason"))
 
     def describe(self) -> str:
         parts = []

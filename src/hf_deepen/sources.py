@@ -34,7 +34,8 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
 
 
 def streaming_source(model: str, *, gguf_file: str | None = None, revision: str | None = None,
-                     align_on: str = "weights", streaming: bool | None = None) -> Path | None:
+                     align_on: str = "weights", layout: str | None = None,
+                     streaming: bool | None = None) -> Path | None:
     """The directory to stream from, or None to load the model in memory.
 
     ``streaming``: None decides (stream whenever possible), True insists (an error naming the
@@ -49,6 +50,8 @@ def streaming_source(model: str, *, gguf_file: str | None = None, revision: str 
     elif align_on != "weights":
         why = ("align_on='activations' needs forward passes through the model: drop --streaming (upscale in"
                " memory) or use align_on='weights'")
+    elif layout == "auto":
+        why = "layout='auto' needs a calibration pass through the model: drop --streaming or choose a fixed layout"
     else:
         local = Path(model)
         if local.is_dir():

@@ -25,7 +25,7 @@ import torch
 
 from .arch.registry import _SPECS, ADD_A_FAMILY
 from .config import UpscaleConfig
-from .errors import ConfigError, UnsupportedArchitectureError, UnsupportedModelError
+from .errors import ConfigError, ModelNotFoundError, UnsupportedArchitectureError, UnsupportedModelError
 from .fuse import add_stage_seconds, build_layer_state
 from .io import atomic_save, model_card, write_json
 from .layouts import build_plan
@@ -262,6 +262,11 @@ class _ShardWriter:
         self._next(name)
         ckpt.copy_to(src_name, self._fh)
 
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
     def finish(self) -> None:
         if self._pos != len(self._order):
             raise RuntimeError(f"internal: shard writer got {self._pos} of {len(self._order)} tensors")
@@ -303,6 +308,10 @@ def upscale_checkpoint(
 
     from .upscaler import DepthUpscaler, _show
 
+    from .validate import check_checkpoint, check_layers_finite, check_source
+
+    if not isinstance(check_source(src), Path):
+        raise ModelNotFoundError(f"no such directory {str(src)!r}: the streaming path reads a local checkpoint directory")
     src = Path(src)
     cfg = DepthUpscaler._config(config, kwargs)
     t0 = time.perf_counter()
@@ -322,6 +331,7 @@ def upscale_checkpoint(
             "align_on='activations' needs forward passes through the model, which the streaming path never"
             " builds: drop streaming (upscale in memory) or use align_on='weights'"
         )
+    check_checkpoint(src, hf_config)  # truncated shards, index vs shards, shapes vs config: before any work
     _return_freed_memory()
     ckpt = _Checkpoint(src)
     cast = _cast_dtype(dtype)
@@ -352,10 +362,13 @@ def upscale_checkpoint(
     def layer_state(i: int) -> dict[str, torch.Tensor]:
         tr = time.perf_counter()
         state = {k: ckpt.get(f"{prefix}{i}.{k}") for k in per_layer[i]}
+        if cfg.method in ("opt", "avg"):
+            check_layers_finite([state], [i], prefix)
         timings["read"] += time.perf_counter() - tr
         return state
 
     timings = {"read": 0.0, "align+fuse": 0.0, "write": 0.0}
+    writers: list[_ShardWriter] = []  # closed in the finally below, whatever ends the write
 
     def write(tmp: Path) -> None:
         before = [n for n in others if not _after_layers(n)]
@@ -368,6 +381,7 @@ def upscale_checkpoint(
         order += [(n, n) for n in after]
         entries = [(name, ckpt.entry(src)["dtype"], ckpt.entry(src)["shape"], _nbytes(ckpt.entry(src))) for name, src in order]
         writer = _ShardWriter(tmp, _parse_size(max_shard_size), entries)
+        writers.append(writer)
         params = {"before": sum(_numel(ckpt, n) for n in ckpt.weight_map), "after": 0}
 
         def copy(name: str, src_name: str) -> None:
@@ -424,9 +438,13 @@ def upscale_checkpoint(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
 
+    need = sum(_nbytes(ckpt.entry(n)) for n in others) + sum(
+        _nbytes(ckpt.entry(f"{prefix}{s.sources[0]}.{k}")) for s in plan.layers for k in per_layer[s.sources[0]])
     try:
-        atomic_save(out, write, overwrite=overwrite)
+        atomic_save(out, write, overwrite=overwrite, need_bytes=need)
     finally:
+        for w in writers:
+            w.close()
         ckpt.close()
     return report
 

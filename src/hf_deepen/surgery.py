@@ -54,6 +54,7 @@ def update_config(config: PretrainedConfig, spec: ArchSpec, plan: DepthPlan) -> 
     """Set ``num_hidden_layers`` and rebuild per-layer lists; a new layer takes the entry of the
     base layer it was made from first (its lower neighbour). Fields that describe layers by index
     (MoE ``mlp_only_layers``) are rewritten by the spec's :meth:`~ArchSpec.update_layer_config`."""
+    config = spec.layer_config(config)  # a multimodal wrapper: its text_config
     owned = spec.update_layer_config(config, [s.sources[0] for s in plan.layers])
     for name in per_layer_fields(config, spec, plan.base_num_layers):
         if name in owned:
@@ -62,7 +63,7 @@ def update_config(config: PretrainedConfig, spec: ArchSpec, plan: DepthPlan) -> 
         if len(old) != plan.base_num_layers:
             continue
         setattr(config, name, [old[s.sources[0]] for s in plan.layers])
-    config.num_hidden_layers = plan.num_layers
+    setattr(config, spec.count_field, plan.num_layers)
 
 
 def record_provenance(
@@ -85,6 +86,7 @@ def record_provenance(
             "method": cfg.method,
             "solver": cfg.solver if cfg.method == "opt" else None,
             "layout": plan.layout,
+            **({"layout_reason": plan.reason} if plan.reason else {}),
             "new_layer_indices": plan.new_layer_indices,
             "sources": {str(i): list(plan.layers[i].sources) for i in plan.new_layer_indices},
             "function_preserving": spec.preserves_function(cfg, config),

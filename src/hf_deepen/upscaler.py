@@ -65,10 +65,12 @@ class DepthUpscaler:
 
         No remote code runs unless ``trust_remote_code=True`` is given.
         """
+        from .validate import checkpoint_errors, preflight
+
         t0 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs
-        )
+        source = preflight(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+        with checkpoint_errors(pretrained_model_name_or_path):
+            model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
         name = str(pretrained_model_name_or_path)
         if kwargs.get("gguf_file"):
             name = f"{name}/{kwargs['gguf_file']}" if Path(name).is_dir() else f"{name}:{kwargs['gguf_file']}"
@@ -92,7 +94,7 @@ class DepthUpscaler:
     # ---- planning ---------------------------------------------------------------------------
     def _layers(self) -> torch.nn.ModuleList:
         layers = get_module(self.model, self.spec.layers_path)
-        n_cfg = self.model.config.num_hidden_layers
+        n_cfg = self.spec.num_layers(self.model.config)
         if len(layers) != n_cfg:
             raise UnsupportedModelError(
                 f"the model has {len(layers)} decoder layers but config.num_hidden_layers={n_cfg}: fix the config"
@@ -109,9 +111,14 @@ class DepthUpscaler:
             return UpscaleConfig.from_dict({**config.to_dict(), **kwargs})
         return config
 
-    def plan(self, config: UpscaleConfig | dict | None = None, **kwargs: Any) -> DepthPlan:
-        """The depth plan :meth:`upscale` would follow, without changing anything."""
-        plan = build_plan(len(self._layers()), self._config(config, kwargs))
+    def plan(self, config: UpscaleConfig | dict | None = None, *, calibration: Any = None, tokenizer: Any = None,
+             **kwargs: Any) -> DepthPlan:
+        """The depth plan :meth:`upscale` would follow, without changing anything.
+
+        ``layout="auto"`` runs its calibration pass here (on ``calibration``, default: pydoc topics).
+        """
+        cfg = self._config(config, kwargs)
+        plan = build_plan(len(self._layers()), cfg, *self._auto_scores(cfg, calibration, tokenizer))
         self.spec.check_plan(plan, self.model.config)
         return plan
 
@@ -139,7 +146,9 @@ class DepthUpscaler:
         cfg = self._config(config, kwargs)
         model, spec = self.model, self.spec
         layers = self._layers()
-        plan = build_plan(len(layers), cfg)
+        ta = time.perf_counter()
+        plan = build_plan(len(layers), cfg, *self._auto_scores(cfg, calibration, tokenizer))
+        t_layout = time.perf_counter() - ta
         spec.check_plan(plan, model.config)
         shape = spec.head_shape(model.config)
         if cfg.zero_init:
@@ -149,15 +158,24 @@ class DepthUpscaler:
         report.params_before = sum(p.numel() for p in model.parameters())
         if getattr(self, "load_seconds", None) is not None:
             report.timings["load"] = self.load_seconds
+        if cfg.layout == "auto":
+            report.timings["layout_calibration"] = t_layout
 
         new = [(i, s) for i, s in enumerate(plan.layers) if s.kind == "new"]
+        if cfg.method in ("opt", "avg"):  # NaN/inf: refuse with the tensor's name before any work
+            from .validate import check_layers_finite
+
+            used = sorted({j for _, s in new for j in s.sources})
+            check_layers_finite([layers[j].state_dict() for j in used], used, spec.layers_path + ".")
         acts = None
         if cfg.align_on == "activations":
             tc = time.perf_counter()
             acts = self._calibrate(cfg, layers, {j for _, s in new for j in s.sources}, calibration, tokenizer)
             report.timings["calibration"] = time.perf_counter() - tc
-        elif calibration is not None:
-            raise ConfigError("calibration= is only used with align_on='activations': drop it or set align_on")
+        elif calibration is not None and cfg.layout != "auto":
+            raise ConfigError(
+                "calibration= is only used with align_on='activations' or layout='auto': drop it or set one"
+            )
 
         t0 = time.perf_counter()
         states: dict[int, dict[str, torch.Tensor]] = {}
@@ -184,11 +202,36 @@ class DepthUpscaler:
         t1 = time.perf_counter()
         apply_plan(model, spec, plan, states)
         update_config(model.config, spec, plan)
+        spec.after_surgery(model, get_module(model, spec.layers_path))
         record_provenance(model.config, plan, cfg, self.base_model, spec)
         report.timings["surgery"] = time.perf_counter() - t1
         report.params_after = sum(p.numel() for p in model.parameters())
         self.report = report
         return model
+
+    def _auto_scores(self, cfg: UpscaleConfig, calibration: Any, tokenizer: Any) -> tuple[Any, Any]:
+        """``layout="auto"``: slot scores and the reason from a block-influence pass; else ``(None, None)``."""
+        if cfg.layout != "auto":
+            return None, None
+        from .auto_layout import (DEFAULT_CALIBRATION, auto_positions, block_influence, calibration_block_ids,
+                                  default_calibration_text, reason, slot_scores)
+        from .layouts import FUSIONS_NEEDING_PAIR
+
+        source = "the given calibration"
+        if calibration is None:
+            calibration, source = default_calibration_text(), DEFAULT_CALIBRATION
+        if tokenizer is None and not isinstance(calibration, torch.Tensor):
+            tokenizer = self.tokenizer
+        seq_len = min(256, getattr(self.model.config, "max_position_embeddings", None) or 256)
+        ids = calibration_block_ids(tokenizer, calibration, cfg.calibration_tokens, seq_len)
+        bi = block_influence(self.model, self._layers(), ids)
+        scores = slot_scores(bi, cfg.method in FUSIONS_NEEDING_PAIR)
+        n_base = len(bi)
+        n_new = (cfg.num_layers if cfg.num_layers is not None else n_base + n_base // 2) - n_base
+        why = None
+        if 0 < n_new <= len(scores):
+            why = reason(bi, scores, auto_positions(scores, n_new), int(ids.numel()), source)
+        return scores, why
 
     def _calibrate(self, cfg: UpscaleConfig, layers: torch.nn.ModuleList, indices: set[int], calibration: Any,
                    tokenizer: Any) -> dict[int, dict[str, torch.Tensor]]:
@@ -255,7 +298,8 @@ class DepthUpscaler:
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
 
-        return atomic_save(save_directory, write, overwrite=overwrite)
+        need = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return atomic_save(save_directory, write, overwrite=overwrite, need_bytes=need)
 
 
 def _show(progress: bool | None) -> bool:

@@ -6,6 +6,7 @@ from . import variants as _variants  # noqa: F401  (OLMo-2, OPT)
 from . import moe as _moe  # noqa: F401  (Mixtral, Qwen2-MoE, Qwen3-MoE)
 from .fused import GPT2Spec, GPTNeoXSpec, Phi3Spec
 from .moe import MoESpec
+from .discover import DiscoveredSpec, discover_spec
 from .registry import get_module, get_spec, register_spec, registered_model_types
 from .spec import ArchitectureWarning, ArchSpec, HeadShape, llama_like
 from .variants import Olmo2Spec, OptSpec
@@ -13,6 +14,7 @@ from .variants import Olmo2Spec, OptSpec
 __all__ = [
     "ArchSpec",
     "ArchitectureWarning",
+    "DiscoveredSpec",
     "GPT2Spec",
     "GPTNeoXSpec",
     "HeadShape",
@@ -20,6 +22,7 @@ __all__ = [
     "Olmo2Spec",
     "OptSpec",
     "Phi3Spec",
+    "discover_spec",
     "get_module",
     "get_spec",
     "llama_like",

@@ -125,6 +125,7 @@ class GPT2Spec(ArchSpec):
     PLAIN = {"o_bias": "attn.c_proj.bias", "up_bias": "mlp.c_fc.bias", "down_bias": "mlp.c_proj.bias"}
     QKV_W = "attn.c_attn.weight"
     QKV_B = "attn.c_attn.bias"
+    KV_HEADS_FIELD = None
 
     def head_shape(self, config: Any) -> HeadShape:
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
@@ -200,6 +201,7 @@ class GPTNeoXSpec(ArchSpec):
 
     QKV_W = "attention.query_key_value.weight"
     QKV_B = "attention.query_key_value.bias"
+    KV_HEADS_FIELD = None
 
     def bind(self, config: Any) -> ArchSpec:
         return dataclasses.replace(self, extra={**self.extra, "head_shape": self.head_shape(config)})

@@ -46,7 +46,12 @@ def get_spec(model: torch.nn.Module) -> ArchSpec:
     model_type = getattr(config, "model_type", None)
     if model_type in _SPECS:
         return _SPECS[model_type].bind(config)
-    return _infer_spec(model, model_type)
+    try:
+        return _infer_spec(model, model_type)
+    except UnsupportedArchitectureError as why:  # not Llama-shaped: find the structure by probing
+        from .discover import discover_spec
+
+        return discover_spec(model, why)
 
 
 def _infer_spec(model: torch.nn.Module, model_type: str | None) -> ArchSpec:
@@ -64,8 +69,10 @@ def _infer_spec(model: torch.nn.Module, model_type: str | None) -> ArchSpec:
             f"model_type {model_type!r} is not supported yet: {candidate.layers_path!r} is not a list of layers;"
             f" {ADD_A_FAMILY}"
         )
-    state = layers[0].state_dict()
-    canon, unknown = candidate.to_canonical(state)
+    unknown: list[str] = []
+    for layer in layers:  # every layer: a stack may mix dense and MoE blocks (first_k_dense_replace)
+        canon, more = candidate.to_canonical(layer.state_dict())
+        unknown += [n for n in more if n not in unknown]
     missing = [r for r in ("q", "k", "v", "o", "up", "down") if r not in canon]
     if unknown or missing:
         what = []

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -125,6 +125,11 @@ class ArchSpec:
     per_layer_config:
         Config fields that hold one entry per layer (``layer_types``); a new layer takes the
         entry of the base layer it is inserted after (its lower neighbour).
+    config_path:
+        Dotted path from the model config to the config that describes the layers (``""``: the
+        config itself; ``"text_config"`` for a multimodal wrapper's language model).
+    count_field:
+        The field of that config holding the number of layers (``n_layer`` for some families).
     post_norms:
         Norms applied to a block's *output* before it joins the residual stream (Gemma-2/3,
         OLMo-2), as tensor name -> the gain value that makes the norm output zero. Used by
@@ -141,6 +146,23 @@ class ArchSpec:
     post_norms: Mapping[str, float] = field(default_factory=dict)
     notes: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    config_path: str = ""
+    count_field: str = "num_hidden_layers"
+
+    # ---- the config that describes the layers -------------------------------------------------
+    def layer_config(self, config: Any) -> Any:
+        """The (sub-)config holding the layer count and per-layer lists (``config_path``)."""
+        for part in self.config_path.split(".") if self.config_path else ():
+            config = getattr(config, part)
+        return config
+
+    def num_layers(self, config: Any) -> int:
+        """The number of decoder layers the config declares (``count_field`` of :meth:`layer_config`)."""
+        return getattr(self.layer_config(config), self.count_field)
+
+    #: the config field holding the KV head count; None for families without grouped-query
+    #: attention (GPT-2, OPT, GPT-NeoX), where a stray ``num_key_value_heads`` must not be read
+    KV_HEADS_FIELD: ClassVar[str | None] = "num_key_value_heads"
 
     # ---- binding to one model -----------------------------------------------------------
     def bind(self, config: Any) -> "ArchSpec":
@@ -179,6 +201,9 @@ class ArchSpec:
         """
         return ()
 
+    def after_surgery(self, model: Any, layers: Any) -> None:
+        """Called after the new layers are in place and the config updated (default: nothing)."""
+
     # ---- function preservation ------------------------------------------------------------
     def can_preserve(self, config: Any) -> bool:
         """Whether zero-init can make a new layer the identity for this config (False for post-LN)."""
@@ -211,7 +236,7 @@ class ArchSpec:
     # ---- geometry -------------------------------------------------------------------------
     def head_shape(self, config: Any) -> HeadShape:
         heads = config.num_attention_heads
-        kv = getattr(config, "num_key_value_heads", None) or heads
+        kv = (getattr(config, self.KV_HEADS_FIELD, None) if self.KV_HEADS_FIELD else None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         if heads % kv:
             raise UnsupportedArchitectureError(

@@ -62,6 +62,8 @@ class OptSpec(ArchSpec):
     not reproduce the base model's outputs.
     """
 
+    KV_HEADS_FIELD = None
+
     def can_preserve(self, config: Any) -> bool:
         return bool(getattr(config, "do_layer_norm_before", True))
 

@@ -261,7 +261,8 @@ def build_layer_state(
     dtypes = {d for d, _ in ref.values()}
     # one dtype for the whole layer (the usual case): fuse straight into it, role by role, so a
     # float64 copy of the whole layer never exists; the cast is the same either way
-    res = make_layer(cfg.method, canons, shape, cfg, spec.zero_values(cfg.zero_target),
+    fuse = getattr(spec, "make_layer", make_layer)  # a discovered spec fuses its own proven units (opt)
+    res = fuse(cfg.method, canons, shape, cfg, spec.zero_values(cfg.zero_target),
                      dtype=dtypes.pop() if len(dtypes) == 1 else torch.float64, **context)
     del canons
     out = spec.from_canonical(res.canon)

@@ -1,0 +1,787 @@
+"""Structure discovered, not listed: a spec for any decoder stack that no named spec describes.
+
+:func:`discover_spec` is what :func:`~hf_deepen.arch.get_spec` falls back to when a model's family
+has no named spec and is not Llama-shaped. It works on the model itself, not on names:
+
+1. **The stack.** The largest ``ModuleList`` whose length is the layer count of the config (or of
+   its ``text_config`` for a multimodal wrapper): ``model.layers``, ``transformer.h``,
+   ``model.language_model.layers``, ... The config field that counts the layers (``num_hidden_layers``,
+   ``n_layer``, ``num_layers``, ``text_config.num_hidden_layers``) is found by its value. When the
+   stack is the language model of a wrapper whose ``text_config`` names a family with a spec (LLaVA
+   around Llama, Gemma-3 around Gemma-3-text), that spec is used, moved to the nested stack.
+2. **Residual writers, by probing.** One forward pass captures each block's inputs; then, on a
+   perturbed copy of a block's weights, every parameter group is zeroed (the block must then be the
+   identity: it only adds to the residual stream) and groups are given back, in the order the block
+   runs them, as long as the block stays the identity. What is left zeroed is the smallest set of
+   late tensors that makes the block the identity (``o_proj`` and ``down_proj`` for Llama, the
+   experts' ``down_proj`` and its bias for gpt-oss, the mixer's ``out_proj`` for a Mamba block). A
+   block that is not the identity with everything zeroed (post-LN) gets no zero-init: copies and
+   averages still work, but are reported as not function preserving.
+3. **OT units, proved by permutation.** Candidate units are read from shapes (MLP neurons between
+   the Linears that make them and the one that reads them; attention KV-head groups from the
+   config's head counts, with per-head tensors such as sinks; experts, with their router rows).
+   A candidate is kept only if permuting its units, by a random permutation, leaves the block's
+   output unchanged on the perturbed weights; OT fusion then aligns each kept unit space and
+   averages every other tensor in place. The report lists which units were aligned and which
+   candidates were refused. With no proven unit, OT is refused (avg / copy still work).
+4. **Config.** Per-layer lists (any list of the layer count in the layer config) take the entry of
+   the new layer's source; index lists (``full_attn_idxs``-style) are renumbered; the layer index
+   attributes (any int attribute that equals the layer's position in every block) are renumbered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..errors import ConfigError, UnsupportedArchitectureError
+from .spec import ArchSpec, HeadShape
+
+Tensor = torch.Tensor
+#: config fields that count layers, tried in this order
+COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers")
+#: sub-configs that may hold a wrapper's language model
+SUB_CONFIGS = ("text_config", "language_config", "llm_config", "decoder")
+#: list fields of the layer count that are not per-layer
+_NOT_PER_LAYER = {"architectures"}
+_ID_TOKENS = 6
+
+
+# ---- unit groups ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UnitGroup:
+    """``n`` units that may be permuted together: slices of tensors (``entries``: key, dim, block
+    size) and items of ``ModuleList`` s (``lists``: prefix, the tensor names inside one item)."""
+
+    name: str
+    n: int
+    entries: tuple[tuple[str, int, int], ...] = ()
+    lists: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def keys(self) -> set[tuple[str, int]]:
+        out = {(k, d) for k, d, _ in self.entries}
+        for p, rest in self.lists:
+            out |= {(f"{p}.{i}.{r}", -1) for i in range(self.n) for r in rest}
+        return out
+
+
+def _split(block: int) -> tuple[int, int]:
+    """An entry's ``block``: ``b > 0`` contiguous blocks of ``b``; ``-c``: ``c`` equal chunks (``[gate; up]``)
+    whose ``i``-th rows together form unit ``i``."""
+    return (1, block) if block > 0 else (-block, 1)
+
+
+def _to_units(x: Tensor, dim: int, block: int) -> Tensor:
+    c, b = _split(block)
+    n = x.shape[dim] // (b * c)
+    y = x.reshape(*x.shape[:dim], c, n, b, *x.shape[dim + 1 :]).movedim(dim + 1, 0)
+    return y.reshape(n, -1)
+
+
+def _from_units(u: Tensor, shape: torch.Size, dim: int, block: int) -> Tensor:
+    c, b = _split(block)
+    n = shape[dim] // (b * c)
+    moved = (n, *shape[:dim], c, b, *shape[dim + 1 :])
+    return u.reshape(moved).movedim(0, dim + 1).reshape(shape)
+
+
+def features(state: Mapping[str, Tensor], g: UnitGroup) -> Tensor:
+    """``[n, d]`` float64: unit ``i``'s slices of every tensor of the group, side by side."""
+    parts = [_to_units(state[k].detach().to(torch.float64), d, b) for k, d, b in g.entries]
+    for p, rest in g.lists:
+        parts.append(torch.stack([torch.cat([state[f"{p}.{i}.{r}"].detach().to(torch.float64).flatten() for r in rest])
+                                  for i in range(g.n)]))
+    return torch.cat(parts, dim=1)
+
+
+def apply_units(state: dict[str, Tensor], g: UnitGroup, fn: Callable[[Tensor], Tensor]) -> None:
+    """Replace, in ``state``, each tensor of ``g`` by ``fn`` applied to its ``[n, d]`` unit view."""
+    for k, d, b in g.entries:
+        t = state[k]
+        state[k] = _from_units(fn(_to_units(t, d, b)), t.shape, d, b).to(t.dtype)
+    for p, rest in g.lists:
+        stacked = torch.stack([torch.cat([state[f"{p}.{i}.{r}"].flatten() for r in rest]) for i in range(g.n)])
+        moved = fn(stacked)
+        for i in range(g.n):
+            off = 0
+            for r in rest:
+                t = state[f"{p}.{i}.{r}"]
+                state[f"{p}.{i}.{r}"] = moved[i, off : off + t.numel()].reshape(t.shape).to(t.dtype)
+                off += t.numel()
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What probing found for one kind of block (one set of tensor names and shapes)."""
+
+    writers: tuple[str, ...] | None  # tensors zeroed to make the block the identity; None: impossible
+    groups: tuple[UnitGroup, ...] = ()
+    refused: tuple[str, ...] = ()  # candidate unit groups whose permutation changed the block
+
+
+NO_FACTS = LayerFacts(None, (), ("the block could not be probed",))
+
+
+def signature(state: Mapping[str, Tensor]) -> tuple:
+    return tuple(sorted((k, tuple(v.shape)) for k, v in state.items()))
+
+
+# ---- the discovered spec ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DiscoveredSpec(ArchSpec):
+    """A spec built by :func:`discover_spec` from probing one model (see the module docstring).
+
+    Its canonical layer is the layer's own state dict (no roles): copy / avg / SOLAR work on any
+    tensor, zero-init zeroes the probed residual writers, OT aligns the proven unit groups."""
+
+    facts: Mapping[tuple, LayerFacts] = field(default_factory=dict)
+    layer_signatures: tuple[tuple, ...] = ()
+    bound: LayerFacts | None = None
+    index_lists: tuple[str, ...] = ()
+
+    def for_state(self, state: Mapping[str, Tensor]) -> ArchSpec:
+        return dataclasses.replace(self, bound=self.facts.get(signature(state), NO_FACTS))
+
+    def to_canonical(self, state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        return dict(state), []
+
+    def from_canonical(self, canon: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return dict(canon)
+
+    def check_shapes(self, canon: Mapping[str, Tensor], shape: HeadShape, where: str) -> None:
+        return None
+
+    def head_shape(self, config: Any) -> HeadShape:
+        try:
+            return super().head_shape(self.layer_config(config))
+        except Exception:  # noqa: BLE001 - no head geometry needed: units come from probing
+            return HeadShape(1, 1, 1)
+
+    def can_preserve(self, config: Any) -> bool:
+        return bool(self.facts) and all(f.writers is not None for f in self.facts.values())
+
+    def zero_target(self, requested: str) -> str:
+        if requested == "post_norm":
+            raise ConfigError(
+                f"zero_target='post_norm': the {self.name!r} layer structure was discovered by probing, which finds the"
+                " tensors that write to the residual stream, not post-norms; use zero_target='outputs' or 'auto'"
+            )
+        return "outputs"
+
+    def zero_values(self, requested: str) -> dict[str, float]:
+        self.zero_target(requested)
+        facts = self.bound
+        return {k: 0.0 for k in (facts.writers or ())} if facts else {}
+
+
+    def update_layer_config(self, config: Any, sources: list[int]) -> tuple[str, ...]:
+        owned = []
+        for name in self.index_lists:
+            old = getattr(config, name, None)
+            if isinstance(old, (list, tuple)):
+                keep = set(old)
+                setattr(config, name, [i for i, s in enumerate(sources) if s in keep])
+                owned.append(name)
+        return tuple(owned)
+
+    def after_surgery(self, model: Any, layers: Any) -> None:
+        """Per-layer constants a block computes from its index or the config at construction (DiffLlama's
+        ``lambda_init``, a sliding window by layer type): each block is rebuilt on the meta device
+        with the new config and index, and every scalar attribute that differs is taken from it, so the
+        model in memory is the one ``from_pretrained`` rebuilds from the saved config."""
+        changed = refresh_constants(layers, self.layer_config(model.config))
+        if changed:
+            import warnings
+
+            from .spec import ArchitectureWarning
+
+            warnings.warn(
+                f"{self.name}: blocks compute constants from their index ({', '.join(changed[:4])}"
+                f"{', ...' if len(changed) > 4 else ''}); they were updated for the new positions, so layers that moved"
+                " up compute differently and the upscaled model is not function preserving",
+                ArchitectureWarning, stacklevel=3,
+            )
+
+    def make_layer(self, method: str, sources: list[Mapping[str, Tensor]], shape: HeadShape, cfg: Any,
+                   zero: Mapping[str, float] | None = None, dtype: torch.dtype = torch.float64, **context: Any):
+        from ..fuse import make_layer
+
+        if len(sources) == 2 and signature(sources[0]) != signature(sources[1]):
+            return self._fuse_mixed(method, sources, cfg, zero, dtype)
+        if method != "opt":
+            return make_layer(method, sources, shape, cfg, zero, dtype=dtype, **context)
+        if context.get("costs") is not None:
+            raise UnsupportedArchitectureError(
+                f"{self.name}: align_on='activations' needs the named attention roles; use align_on='weights'"
+            )
+        facts = self.bound or NO_FACTS
+        if not facts.groups:
+            why = "; ".join(facts.refused) or "no candidate units (MLP neurons, KV-head groups, experts) found"
+            raise UnsupportedArchitectureError(
+                f"{self.name}: OT fusion has no unit whose permutation provably leaves this block unchanged ({why});"
+                " use method='avg' or 'copy'"
+            )
+        return self._fuse(sources, cfg, zero, dtype, facts.groups, facts.refused)
+
+    def _fuse_mixed(self, method: str, sources: list[Mapping[str, Tensor]], cfg: Any, zero: Any, dtype: torch.dtype):
+        """Two parents of different kinds (a hybrid stack: attention and a linear mixer): the new layer is
+        the lower parent's kind; tensors both have (same name, same shape) are fused, the rest kept from it."""
+        from ..fuse import FusionResult
+
+        a, b = sources
+        common = {k for k in a if k in b and a[k].shape == b[k].shape}
+        if method in ("copy", "solar"):
+            res = FusionResult({k: v.detach().to(dtype) for k, v in a.items()}, {})
+            if cfg.zero_init:
+                for k, v in (zero or {}).items():
+                    if k in res.canon:
+                        res.canon[k] = torch.full_like(res.canon[k], v)
+            return res
+        groups = ()
+        if method == "opt":
+            facts = self.bound or NO_FACTS
+            groups = tuple(g for g in facts.groups if {k for k, _ in g.keys()} <= common)
+            if not groups:
+                raise UnsupportedArchitectureError(
+                    f"{self.name}: OT fusion of two layers of different kinds needs a unit both have (MLP neurons,"
+                    " experts) whose permutation is proven; none is: use method='avg' or 'copy'"
+                )
+        res = self._fuse([{k: a[k] for k in common}, {k: b[k] for k in common}], cfg, zero, dtype, groups, ())
+        for k in a:
+            if k not in common:
+                res.canon[k] = torch.zeros_like(a[k], dtype=dtype) if cfg.zero_init and k in (zero or {}) \
+                    else a[k].detach().to(dtype)
+        res.diagnostics["kept_from_lower_parent"] = len(a) - len(common)
+        res.diagnostics["fused_with_upper_parent"] = len(common)
+        return res
+
+    def _fuse(self, sources, cfg, zero, dtype, groups, refused):
+        from ..align.solvers import solve
+        from ..fuse import FusionResult
+
+        a, b = sources
+        a64 = {k: v.detach().to(torch.float64) for k, v in a.items()}
+        b64 = {k: v.detach().to(torch.float64) for k, v in b.items()}
+        diag: dict[str, Any] = {"ot_units": [f"{g.name} ({g.n})" for g in groups]} if groups else {}
+        if refused:
+            diag["ot_refused"] = list(refused)
+        moved = set()
+        for g in groups:
+            fa, fb = features(a64, g), features(b64, g)
+            plan = solve(torch.cdist(fa, fb).pow(2), cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter)
+            apply_units(a64, g, lambda u, plan=plan: plan.move(u, 0))
+            ident = float((fa - fb).pow(2).sum())
+            diag[f"ot_cost_ratio:{g.name}"] = plan.cost / ident if ident > 0 else 1.0
+            moved |= {k for k, _ in g.keys()}
+        if groups:
+            diag["ot_tensors_aligned"] = len(moved)
+            diag["ot_tensors_averaged_in_place"] = len([k for k in b if k not in moved])
+        w = cfg.fusion_weight
+        out = {k: ((1.0 - w) * a64[k] + w * b64[k]).to(dtype) for k in b}
+        if cfg.zero_init:
+            for k, v in (zero or {}).items():
+                if k in out:
+                    out[k] = torch.full_like(out[k], v)
+        return FusionResult(out, diag)
+
+
+_SCALARS = (int, float, bool, str)
+
+
+def refresh_constants(layers: torch.nn.ModuleList, config: Any) -> list[str]:
+    """See :meth:`DiscoveredSpec.after_surgery`; returns ``"i.module.attr"`` for each value changed."""
+    import inspect
+
+    changed = []
+    for i, layer in enumerate(layers):
+        try:
+            params = list(inspect.signature(type(layer).__init__).parameters)
+        except (TypeError, ValueError):
+            return changed
+        if len(params) < 3 or params[2] not in ("layer_idx", "layer_id", "layer_index"):
+            return changed  # not built as cls(config, layer_idx): leave it
+        try:
+            with torch.device("meta"):
+                fresh = type(layer)(config, i)
+        except Exception:  # noqa: BLE001 - a block not built as cls(config, layer_idx): leave it
+            return changed
+        mods = dict(fresh.named_modules())
+        for name, mod in layer.named_modules():
+            ref = mods.get(name)
+            if ref is None or type(ref) is not type(mod):
+                continue
+            for attr, val in vars(ref).items():
+                if attr.startswith("_") or not isinstance(val, _SCALARS) or attr == "training":
+                    continue
+                if attr in vars(mod) and type(vars(mod)[attr]) is type(val) and vars(mod)[attr] != val:
+                    setattr(mod, attr, val)
+                    changed.append(f"{i}.{name}.{attr}")
+    return changed
+
+
+class _Nested:
+    """Mixin: a named spec moved to a wrapper's nested language model (config from ``config_path``)."""
+
+    def _sub(self, config: Any) -> Any:
+        first = self.config_path.split(".")[0] if self.config_path else ""
+        return self.layer_config(config) if first and hasattr(config, first) else config
+
+    def head_shape(self, config: Any) -> HeadShape:
+        return super().head_shape(self._sub(config))
+
+    def can_preserve(self, config: Any) -> bool:
+        return super().can_preserve(self._sub(config))
+
+    def check_plan(self, plan: Any, config: Any) -> None:
+        return super().check_plan(plan, self._sub(config))
+
+
+_NESTED: dict[type, type] = {}
+
+
+def nest(spec: ArchSpec, layers_path: str, config_path: str, count_field: str, per_layer: tuple[str, ...]) -> ArchSpec:
+    """``spec`` (a named family spec) serving the same layers under ``layers_path``."""
+    base = type(spec)
+    cls = _NESTED.get(base)
+    if cls is None:
+        cls = _NESTED[base] = type(f"Nested{base.__name__}", (_Nested, base), {})
+    kw = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    kw.update(layers_path=layers_path, config_path=config_path, count_field=count_field,
+              name=f"{spec.name}@{layers_path}", per_layer_config=tuple(sorted(set(spec.per_layer_config) | set(per_layer))))
+    return cls(**kw)
+
+
+# ---- discovery ----------------------------------------------------------------------------------
+def _configs(config: Any) -> list[tuple[str, Any]]:
+    out = [("", config)]
+    for k in SUB_CONFIGS:
+        sub = getattr(config, k, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            out.append((k, sub))
+    return out
+
+
+def find_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList, str, str]:
+    """``(layers_path, layers, config_path, count_field)`` of the decoder stack."""
+    counts = []
+    for path, c in _configs(model.config):
+        for f in COUNT_FIELDS:
+            v = getattr(c, f, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                counts.append((path, f, v))
+                break
+    best = None
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.ModuleList) or len(m) == 0:
+            continue
+        match = [(p, f) for p, f, v in counts if v == len(m)]
+        if not match:
+            continue
+        # a wrapper's language model: prefer its text_config when both count the same
+        p, f = next(((p, f) for p, f in match if p and "language" in name), match[0])
+        if p == "" and len(match) > 1 and "vision" in name:
+            continue
+        size = sum(t.numel() for t in m.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, m, p, f)
+    if best is None:
+        found = ", ".join(f"{p + '.' if p else ''}{f}={v}" for p, f, v in counts) or "none found"
+        raise UnsupportedArchitectureError(
+            f"model_type {getattr(model.config, 'model_type', None)!r}: no ModuleList of blocks whose length is the"
+            f" layer count of the config ({found});"
+            " pass a spec: DepthUpscaler(model, spec=ArchSpec(...)), see docs/families.md"
+        )
+    return best[1], best[2], best[3], best[4]
+
+
+def _layer_lists(config: Any, n: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(per-layer lists of length ``n``, index lists) among the config's fields."""
+    per, idx = [], []
+    for k, v in vars(config).items():
+        if k.startswith("_") or k in _NOT_PER_LAYER or not isinstance(v, (list, tuple)):
+            continue
+        ints = bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in v)
+        if (ints and len(v) <= n and list(v) == sorted(set(v)) and any(t in k for t in ("idx", "indices", "layer", "ids"))
+                and (len(v) < n or n > 2)):
+            idx.append(k)  # layer indices (moe_layers, full_attn_idxs): renumbered, not repeated
+        elif len(v) == n and n > 1:
+            per.append(k)
+    return tuple(sorted(per)), tuple(sorted(idx))
+
+
+def _index_attrs(layers: torch.nn.ModuleList) -> tuple[str, ...]:
+    found = {"layer_idx"}
+    if len(layers) < 2:
+        return tuple(sorted(found))
+    for mname, mod in layers[0].named_modules():
+        for attr, val in vars(mod).items():
+            if type(val) is not int or attr.startswith("_") or val != 0:
+                continue
+            try:
+                ok = all(getattr(layers[i].get_submodule(mname), attr, None) == i for i in range(len(layers)))
+            except AttributeError:
+                ok = False
+            if ok:
+                found.add(attr)
+    return tuple(sorted(found))
+
+
+def _fits(spec: ArchSpec, layer: torch.nn.Module, config: Any) -> bool:
+    try:
+        canon, unknown = spec.to_canonical(layer.state_dict())
+        spec.check_shapes(canon, spec.head_shape(config), "probe")
+        return not unknown
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def discover_spec(model: torch.nn.Module, why: Exception | None = None) -> ArchSpec:
+    """A spec for ``model`` found by looking at it (see the module docstring)."""
+    from .registry import _SPECS
+    from .spec import llama_like
+
+    config = model.config
+    mt = getattr(config, "model_type", None)
+    path, layers, cpath, count = find_stack(model)
+    lc = getattr(config, cpath) if cpath else config
+    per, idx = _layer_lists(lc, len(layers))
+    index_attrs = _index_attrs(layers)
+    # a wrapper around a family we know: that spec, moved to the nested stack
+    if path != "model.layers" or cpath:
+        sub_mt = getattr(lc, "model_type", None)
+        named = _SPECS[sub_mt].bind(lc) if sub_mt in _SPECS else None
+        if named is None and cpath:
+            named = llama_like(f"generic:{sub_mt}", (str(sub_mt),))
+        if named is not None and _fits(named, layers[0], lc):
+            return nest(named, path, cpath, count, per)
+    facts, sigs = probe(model, layers, lc)
+    return DiscoveredSpec(
+        name=f"discovered:{mt}", model_types=(str(mt),), tensors={}, residual=("*",), layers_path=path,
+        index_attrs=index_attrs, per_layer_config=per, config_path=cpath, count_field=count,
+        facts=facts, layer_signatures=sigs, index_lists=idx,
+        notes=f"structure discovered by probing ({type(why).__name__ if why else 'no spec'})",
+    )
+
+
+# ---- probing ------------------------------------------------------------------------------------
+def _hidden(out: Any) -> Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    try:
+        first = out[0]
+        return first if isinstance(first, torch.Tensor) else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _clone(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+def capture_calls(model: torch.nn.Module, layers: torch.nn.ModuleList, config: Any) -> dict[int, tuple]:
+    """One forward pass on a few token ids; the ``(args, kwargs)`` each block was called with."""
+    calls: dict[int, tuple] = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        def pre(mod, args, kwargs, i=i):
+            calls.setdefault(i, (tuple(_clone(a) for a in args), {k: _clone(v) for k, v in kwargs.items()}))
+        hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    vocab = getattr(config, "vocab_size", None) or getattr(model.config, "vocab_size", None) or 2
+    p = next(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, max(2, min(int(vocab), 1000)), (1, _ID_TOKENS), generator=g).to(p.device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    except Exception:  # noqa: BLE001 - a model that cannot run this way is still copyable
+        pass
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _units(block: torch.nn.Module, order: dict[str, int]) -> list[tuple[int, str, list[str]]]:
+    units = []
+    for mname, mod in block.named_modules():
+        names = [n for n, p in mod.named_parameters(recurse=False) if p.is_floating_point()]
+        if not names:
+            continue
+        pre = f"{mname}." if mname else ""
+        rank = order.get(mname, -1)  # a module the block does not call (functional use): given back first
+        if set(names) <= {"weight", "bias"}:
+            units.append((rank, mname or "<block>", [pre + n for n in names]))
+            continue
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            base = n[: -len("_bias")] if n.endswith("_bias") else n
+            groups.setdefault(base, []).append(pre + n)
+        for base, keys in groups.items():
+            units.append((rank, pre + base, keys))
+    units.sort(key=lambda u: u[0])
+    return units
+
+
+def probe(model: torch.nn.Module, layers: torch.nn.ModuleList, config: Any) -> tuple[dict, tuple]:
+    sigs = tuple(signature(layer.state_dict()) for layer in layers)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return {}, sigs
+    calls = capture_calls(model, layers, config)
+    facts: dict[tuple, LayerFacts] = {}
+    for i, layer in enumerate(layers):
+        if sigs[i] in facts or i not in calls:
+            continue
+        facts[sigs[i]] = _probe_block(layer, calls[i], config)
+    return facts, sigs
+
+
+def _probe_block(block: torch.nn.Module, call: tuple, config: Any) -> LayerFacts:
+    args, kwargs = call
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(x, torch.Tensor):
+        return NO_FACTS
+    original = {k: v.detach().clone() for k, v in block.state_dict().items()}
+    order: dict[str, int] = {}
+    names = {id(m): n for n, m in block.named_modules()}
+
+    def seen(mod: torch.nn.Module, _args: Any) -> None:
+        order.setdefault(names[id(mod)], len(order))
+
+    hooks = [m.register_forward_pre_hook(seen) for m in block.modules()]
+    was = block.training
+    block.eval()
+
+    def run() -> Tensor | None:
+        with torch.no_grad():
+            try:
+                return _hidden(block(*args, **kwargs))
+            except Exception:  # noqa: BLE001
+                return None
+
+    try:
+        g = torch.Generator().manual_seed(1)
+        params = dict(block.named_parameters())
+        with torch.no_grad():
+            for p in params.values():
+                if p.is_floating_point():
+                    noise = torch.randn(p.shape, generator=g).to(p)
+                    p.add_(noise * 0.05 * (float(p.abs().mean()) + 0.02))
+        perturbed = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        y_ref = run()
+        for h in hooks:
+            h.remove()
+        hooks = []
+        if y_ref is None or not torch.isfinite(y_ref).all():
+            return NO_FACTS
+        writers = _writers(block, params, perturbed, _units(block, order), run, x)
+        block.load_state_dict(perturbed)
+        groups, refused = _proven_groups(block, perturbed, y_ref, run, config, x.shape[-1], x)
+        return LayerFacts(writers, groups, refused)
+    finally:
+        for h in hooks:
+            h.remove()
+        block.load_state_dict(original)
+        block.train(was)
+
+
+def _is_identity(y: Tensor | None, x: Tensor) -> bool:
+    if y is None or y.shape != x.shape:
+        return False
+    return bool((y.float() - x.float()).abs().max() <= 1e-6 * (1.0 + float(x.float().abs().max())))
+
+
+def _writers(block, params, perturbed, units, run, x) -> tuple[str, ...] | None:
+    with torch.no_grad():
+        for _, _, keys in units:
+            for k in keys:
+                params[k].zero_()
+        if not _is_identity(run(), x):
+            return None
+        zeroed = []
+        for _, _, keys in units:  # give each group back, in the order the block runs them
+            for k in keys:
+                params[k].copy_(perturbed[k])
+            if not _is_identity(run(), x):
+                for k in keys:
+                    params[k].zero_()
+                zeroed.extend(keys)
+    return tuple(zeroed)
+
+
+def _linears(mod: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, c) for n, c in mod.named_children()
+            if isinstance(getattr(c, "weight", None), torch.Tensor) and c.weight.dim() == 2
+            and isinstance(getattr(c, "in_features", None), int) and isinstance(c, torch.nn.Linear)]
+
+
+def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGroup]:
+    out: list[UnitGroup] = []
+    state = block.state_dict()
+    heads = next((getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if
+                  isinstance(getattr(config, k, None), int)), None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or (hidden // heads if heads else None)
+    # every Linear of the block by its full name (for units whose producer and reader are not siblings:
+    # BERT's intermediate.dense -> output.dense, attention.self.query -> attention.output.dense)
+    all_lins = [(f"{m}.{n}" if m else n, c) for m, mod in block.named_modules() for n, c in _linears(mod)]
+    covered: set[int] = set()
+    for mname, mod in block.named_modules():
+        pre = f"{mname}." if mname else ""
+        lins = _linears(mod)
+
+        def wb(n: str, dim: int, block_: int) -> list[tuple[str, int, int]]:
+            full = n[3:] if n.startswith("../") else f"{pre}{n}"  # "../": a full name in the block
+            e = [(f"{full}.weight", dim, block_)]
+            if dim == 0 and f"{full}.bias" in state:
+                e.append((f"{full}.bias", 0, block_))
+            return e
+
+        # MLP neurons: Linears that make n features, and those that read them
+        for n in sorted({c.in_features for _, c in lins} - {hidden}):
+            prod = [nm for nm, c in lins if c.out_features == n and c.in_features != n]
+            fused = [nm for nm, c in lins if c.out_features == 2 * n and c.in_features != n]
+            cons = [nm for nm, c in lins if c.in_features == n]
+            if prod and n > 1:
+                covered.add(n)
+                entries = [e for nm in prod for e in wb(nm, 0, 1)] + [e for nm in cons for e in wb(nm, 1, 1)]
+                # a norm between them (MLA's q_a_layernorm over the latent ranks): its gain moves too
+                used = {e[0] for e in entries}
+                gains = [(k, 0, 1) for k, t in state.items() if k.startswith(pre) and k not in used and t.dim() == 1
+                         and t.shape[0] == n and t.is_floating_point()]
+                if gains:
+                    out.append(UnitGroup(f"{pre}neurons", n, tuple(entries + gains)))
+                out.append(UnitGroup(f"{pre}neurons", n, tuple(entries)))
+            elif fused and n > 1:  # a fused [gate; up] (chunked) or interleaved projection
+                for block in (-2, 2):
+                    entries = [e for nm in fused for e in wb(nm, 0, block)] + [e for nm in cons for e in wb(nm, 1, 1)]
+                    out.append(UnitGroup(f"{pre}neurons", n, tuple(entries)))
+        # KV-head groups: q (rows of g heads), k / v (rows of one head), o (columns of g heads)
+        if heads and kv and hd and isinstance(kv, int) and kv > 1 and heads % kv == 0:
+            hq, hkv, g = heads * hd, kv * hd, heads // kv
+            ocands = [nm for nm, c in lins if c.in_features == hq and c.out_features == hidden]
+            sq = [nm for nm, c in lins if c.in_features == hidden and c.out_features == hq]
+            kvl = [nm for nm, c in lins if c.in_features == hidden and c.out_features == hkv] if hq != hkv else []
+            mine = {f"{pre}{nm}" for nm in sq + kvl}
+            far = [f"../{nm}" for nm, c in all_lins if c.in_features == hq and c.out_features == hidden and nm not in mine]
+            # o is told from q / k / v by trying each (verification keeps the one that is right)
+            options = []
+            need = 3 if hq == hkv else 1
+            for o in dict.fromkeys(ocands + (far if len(far) == 1 else [])):
+                q = [nm for nm in sq if nm != o]
+                if len(q) == need and (hq == hkv or len(kvl) == 2):
+                    options.append((q, o))
+            for q, o in options[:4]:
+                entries = [e for nm in q for e in wb(nm, 0, g * hd)] + wb(o, 1, g * hd)
+                if hq != hkv:
+                    entries += [e for nm in kvl for e in wb(nm, 0, hd)]
+                used = {e[0] for e in entries}
+                extra = []
+                for k, t in state.items():
+                    if not k.startswith(pre) or k in used or t.dim() < 1 or not t.is_floating_point():
+                        continue
+                    if t.shape[0] == heads and heads != hd:
+                        extra.append((k, 0, g))
+                    elif t.dim() == 1 and t.shape[0] == hq and hq == hkv:
+                        extra.append((k, 0, g * hd))
+                out.append(UnitGroup(f"{pre}kv_head_groups", kv, tuple(entries + extra)))
+                if extra:
+                    out.append(UnitGroup(f"{pre}kv_head_groups", kv, tuple(entries)))
+        # experts: 3-D parameters [E, ...] of one module, with the router rows of its parent
+        direct = {n: p for n, p in mod.named_parameters(recurse=False)}
+        three = [n for n, p in direct.items() if p.dim() == 3]
+        if three:
+            e_n = direct[three[0]].shape[0]
+            if e_n > 1 and all(direct[n].shape[0] == e_n for n in three):
+                entries = [(f"{pre}{n}", 0, 1) for n, p in direct.items() if p.dim() >= 2 and p.shape[0] == e_n]
+                parent = mname.rpartition(".")[0]
+                ppre = f"{parent}." if parent else ""
+                for k, t in state.items():
+                    if k.startswith(ppre) and not k.startswith(pre) and t.dim() in (1, 2) and t.shape[0] == e_n \
+                            and t.is_floating_point():
+                        entries.append((k, 0, 1))
+                out.append(UnitGroup(f"{pre}experts", e_n, tuple(entries)))
+        # experts as a ModuleList of identical modules, routed by a sibling
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 1 and len({type(c) for c in mod}) == 1:
+            rest = tuple(k for k, _ in mod[0].state_dict().items())
+            e_n = len(mod)
+            if rest and all(tuple(c.state_dict()) == rest for c in mod):
+                parent = mname.rpartition(".")[0]
+                ppre = f"{parent}." if parent else ""
+                router = [(k, 0, 1) for k, t in state.items() if k.startswith(ppre) and not k.startswith(pre)
+                          and t.dim() in (1, 2) and t.shape[0] == e_n and t.is_floating_point()]
+                if router:
+                    out.append(UnitGroup(f"{pre}experts", e_n, tuple(router), ((mname, rest),)))
+    for n in sorted({c.in_features for _, c in all_lins} - {hidden} - covered):
+        prod = [nm for nm, c in all_lins if c.out_features == n and c.in_features != n]
+        cons = [nm for nm, c in all_lins if c.in_features == n]
+        if prod and n > 1:
+            entries = [(f"{nm}.weight", 0, 1) for nm in prod] + [(f"{nm}.bias", 0, 1) for nm in prod if f"{nm}.bias" in state]
+            entries += [(f"{nm}.weight", 1, 1) for nm in cons]
+            out.append(UnitGroup("neurons", n, tuple(entries)))
+    return out
+
+
+def _proven_groups(block, perturbed, y_ref, run, config, hidden, x_in=None) -> tuple[tuple[UnitGroup, ...], tuple[str, ...]]:
+    kept: list[UnitGroup] = []
+    refused: list[str] = []
+    taken: set[tuple[str, int]] = set()
+    rng = random.Random(0)
+    for g in _candidates(block, config, hidden):
+        if any(g.name == k.name and g.n == k.n for k in kept):
+            continue  # (the variant without extra tensors, tried only if the full one failed)
+        if g.keys() & taken:
+            continue
+        perm = list(range(g.n))
+        while perm == list(range(g.n)):
+            rng.shuffle(perm)
+        idx = torch.tensor(perm)
+        state = dict(perturbed)
+        # the proof is checked where it is sharpest: on the outputs of the modules that read the
+        # units (o_proj, down_proj, ...), whose outputs must not change at all, as well as on the
+        # block's output; the residual stream would hide a small error in a weak path
+        readers = sorted({k.rpartition(".")[0] for k, d, _ in g.entries if d == 1})
+        mods = dict(block.named_modules())
+        seen: dict[str, list[Tensor]] = {}
+        hooks = [mods[r].register_forward_hook(lambda m, a, o, r=r: seen.setdefault(r, []).append(o.detach().clone()))
+                 for r in readers if r in mods and r]
+        try:
+            y0 = run()
+            ref_out = {r: v for r, v in seen.items()}
+            seen.clear()
+            apply_units(state, g, lambda u: u[idx])
+            block.load_state_dict(state)
+            y = run()
+        except Exception:  # noqa: BLE001
+            y, y0, ref_out = None, None, {}
+        finally:
+            for h in hooks:
+                h.remove()
+            block.load_state_dict(perturbed)
+        ok = y is not None and y0 is not None and y.shape == y_ref.shape
+        if ok:
+            delta = float((y0.float() - x_in.float()).abs().max()) if x_in is not None and x_in.shape == y0.shape else 1.0
+            ok = float((y.float() - y0.float()).abs().max()) <= 1e-5 * (delta + 1e-3 * float(y0.float().abs().max()))
+        for r, outs in ref_out.items():
+            new = seen.get(r, [])
+            if not ok or len(new) != len(outs):
+                ok = False
+                break
+            for a, b in zip(outs, new):
+                if a.shape != b.shape or float((a.float() - b.float()).abs().max()) > 1e-5 * float(a.float().abs().max()) + 1e-12:
+                    ok = False
+        if ok:
+            kept.append(g)
+            taken |= g.keys()
+        else:
+            refused.append(f"{g.name} ({g.n}): permuting them changed the block output")
+    refused = [r for r in refused if not any(r.startswith(f"{k.name} ({k.n})") for k in kept)]
+    return tuple(kept), tuple(dict.fromkeys(refused))
