@@ -295,10 +295,11 @@ def build_variant(base: Any, v: Variant, data: dict[str, Any] | None = None) -> 
     return model, info
 
 
-def set_trainable(model: Any, v: Variant) -> int:
+def set_trainable(model: Any, train: str) -> int:
+    """``train="new"``: only the new layers train (base frozen); else every parameter. Returns the trainable count."""
     from hf_deepen.training import freeze_base_layers
 
-    if v.train == "new":
+    if train == "new":
         freeze_base_layers(model, verbose=False)
     else:
         for p in model.parameters():
@@ -343,7 +344,7 @@ def train_run(model: Any, v: Variant, seed: int, initial: dict[str, float], data
               bar: Any) -> dict[str, Any]:
     """Train ``model`` (a fresh copy of the variant, changed in place). ``initial``: its step-0 eval
     (deterministic, the same for every seed, so measured once per variant)."""
-    trainable = set_trainable(model, v)
+    trainable = set_trainable(model, v.train)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     train = data["train"]

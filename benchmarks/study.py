@@ -44,6 +44,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from quality import set_trainable  # noqa: E402  (one definition for both benchmarks)
+
 RESULTS = HERE / "results" / "study"
 WORK = HERE / ".work" / "study"
 CORPUS = HERE / ".work" / "corpus" / "corpus.npz.xz"
@@ -366,22 +369,6 @@ class Models:
         info["base_layers"] = int(self.base.config.num_hidden_layers)
         info["params"] = sum(p.numel() for p in model.parameters())
         return model, info
-
-
-def set_trainable(model: Any, protocol: str) -> int:
-    from hf_deepen.training import freeze_base_layers
-
-    if protocol == "new":
-        freeze_base_layers(model, verbose=False)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    seen, n = set(), 0
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
 
 
 def atomic_json(path: Path, obj: Any) -> None:
