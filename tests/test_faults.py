@@ -228,13 +228,13 @@ def test_read_only_output(base, small_disk, capsys):
 # ---- interrupted runs (real processes) -------------------------------------------------------------
 SLOW_RUN = textwrap.dedent("""
     import sys, time
-    import hf_deepen.streaming as st
-    fuse = st.build_layer_state
+    import hf_deepen.pipeline as pl
+    fuse = pl.build_layer_state
     def slow(*a, **k):  # hold the run in its first new layer, with shards half written
         print("building", flush=True)
         time.sleep(60)
         return fuse(*a, **k)
-    st.build_layer_state = slow
+    pl.build_layer_state = slow
     from hf_deepen.cli import main
     sys.exit(main(sys.argv[1:]))
 """)

@@ -10,7 +10,7 @@ every per-layer config list *at the insertion point*, and records provenance in 
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from transformers import PretrainedConfig
@@ -18,8 +18,10 @@ from transformers import PretrainedConfig
 from ._version import __version__
 from .arch.registry import get_module
 from .arch.spec import ArchSpec
-from .config import UpscaleConfig
 from .plan import DepthPlan
+
+if TYPE_CHECKING:
+    from .pipeline import ResolvedRun
 
 PROVENANCE_KEY = "hf_deepen"
 
@@ -66,10 +68,9 @@ def update_config(config: PretrainedConfig, spec: ArchSpec, plan: DepthPlan) -> 
     setattr(config, spec.count_field, plan.num_layers)
 
 
-def record_provenance(
-    config: PretrainedConfig, plan: DepthPlan, cfg: UpscaleConfig, base_model: str | None, spec: ArchSpec
-) -> dict[str, Any]:
-    """Append this stage to ``config.hf_deepen``; earlier stages' new-layer indices are remapped."""
+def record_provenance(config: PretrainedConfig, run: "ResolvedRun") -> dict[str, Any]:
+    """Append this stage (the resolved run) to ``config.hf_deepen``; earlier stages' new-layer indices are remapped."""
+    plan, cfg, spec = run.plan, run.cfg, run.spec
     prev = getattr(config, PROVENANCE_KEY, None) or {}
     remap = plan.base_index_map()
     stages = []
@@ -79,7 +80,7 @@ def record_provenance(
         stages.append(s)
     stages.append(
         {
-            "base_model": base_model,
+            "base_model": run.base_model,
             "architecture": spec.name,
             "base_num_layers": plan.base_num_layers,
             "num_layers": plan.num_layers,
@@ -89,8 +90,8 @@ def record_provenance(
             **({"layout_reason": plan.reason} if plan.reason else {}),
             "new_layer_indices": plan.new_layer_indices,
             "sources": {str(i): list(plan.layers[i].sources) for i in plan.new_layer_indices},
-            "function_preserving": spec.preserves_function(cfg, config),
-            "zero_target": spec.zero_target(cfg.zero_target) if cfg.zero_init else None,
+            "function_preserving": run.function_preserving,
+            "zero_target": run.zero_target,
             "config": cfg.to_dict(),
             "library_version": __version__,
         }

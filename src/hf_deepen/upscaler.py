@@ -1,4 +1,4 @@
-"""DepthUpscaler: model -> spec -> plan -> alignment/fusion -> surgery -> the same model, deeper."""
+"""DepthUpscaler: a loaded model -> spec -> the pipeline (plan -> align -> fuse -> surgery) -> the same model, deeper."""
 
 from __future__ import annotations
 
@@ -13,21 +13,17 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .arch import get_module, get_spec
 from .arch.spec import ArchSpec
 from .config import UpscaleConfig
-from .errors import AlignmentWarning, ConfigError, UnsupportedModelError
-from .fuse import add_stage_seconds, build_layer_state
+from .errors import ConfigError, UnsupportedModelError
 from .io import atomic_save, model_card, prepare_model, write_json
-from .layouts import build_plan
+from .pipeline import execute, make_plan, options, resolve
+from .pipeline.sink import SurgerySink
+from .pipeline.source import ModelStateSource
 from .plan import DepthPlan
 from .report import UpscaleReport
-from .surgery import PROVENANCE_KEY, apply_plan, record_provenance, update_config
+from .surgery import PROVENANCE_KEY
 
 #: from_pretrained kwargs that also apply to the tokenizer
 _TOKENIZER_KWARGS = ("gguf_file", "revision", "cache_dir", "token", "local_files_only", "subfolder", "trust_remote_code")
-#: a plan whose marginals are further off than this (relative) triggers an AlignmentWarning
-MARGINAL_TOL = 1e-3
-#: a plan costing more than this times the identity's triggers an AlignmentWarning (a soft plan always
-#: costs a little more than the optimum, so exactly 1 would warn on every Sinkhorn plan of near-aligned layers)
-COST_RATIO_TOL = 1.01
 
 
 class DepthUpscaler:
@@ -101,26 +97,14 @@ class DepthUpscaler:
             )
         return layers
 
-    @staticmethod
-    def _config(config: UpscaleConfig | dict | None, kwargs: dict[str, Any]) -> UpscaleConfig:
-        if config is None:
-            return UpscaleConfig(**kwargs) if kwargs else UpscaleConfig()
-        if isinstance(config, dict):
-            return UpscaleConfig.from_dict({**config, **kwargs})
-        if kwargs:
-            return UpscaleConfig.from_dict({**config.to_dict(), **kwargs})
-        return config
-
     def plan(self, config: UpscaleConfig | dict | None = None, *, calibration: Any = None, tokenizer: Any = None,
              **kwargs: Any) -> DepthPlan:
         """The depth plan :meth:`upscale` would follow, without changing anything.
 
         ``layout="auto"`` runs its calibration pass here (on ``calibration``, default: pydoc topics).
         """
-        cfg = self._config(config, kwargs)
-        plan = build_plan(len(self._layers()), cfg, *self._auto_scores(cfg, calibration, tokenizer))
-        self.spec.check_plan(plan, self.model.config)
-        return plan
+        cfg = options(config, kwargs)
+        return make_plan(cfg, self.spec, self.model.config, len(self._layers()), *self._auto_scores(cfg, calibration, tokenizer))
 
     # ---- the job ----------------------------------------------------------------------------
     def upscale(
@@ -141,73 +125,27 @@ class DepthUpscaler:
         ``calibration`` (for ``align_on="activations"``): text (a string or a list of strings,
         tokenised with ``tokenizer`` or the loaded model's tokenizer) or a 2-D tensor of token ids.
         """
-        from tqdm.auto import tqdm
-
-        cfg = self._config(config, kwargs)
-        model, spec = self.model, self.spec
+        cfg = options(config, kwargs)
         layers = self._layers()
-        ta = time.perf_counter()
-        plan = build_plan(len(layers), cfg, *self._auto_scores(cfg, calibration, tokenizer))
-        t_layout = time.perf_counter() - ta
-        spec.check_plan(plan, model.config)
-        shape = spec.head_shape(model.config)
-        if cfg.zero_init:
-            spec.zero_target(cfg.zero_target)  # refuse a target this family lacks before any work
-        report = UpscaleReport(plan=plan, config=cfg, architecture=spec.name,
-                               function_preserving=spec.preserves_function(cfg, model.config))
-        report.params_before = sum(p.numel() for p in model.parameters())
-        if getattr(self, "load_seconds", None) is not None:
-            report.timings["load"] = self.load_seconds
-        if cfg.layout == "auto":
-            report.timings["layout_calibration"] = t_layout
-
-        new = [(i, s) for i, s in enumerate(plan.layers) if s.kind == "new"]
-        if cfg.method in ("opt", "avg"):  # NaN/inf: refuse with the tensor's name before any work
-            from .validate import check_layers_finite
-
-            used = sorted({j for _, s in new for j in s.sources})
-            check_layers_finite([layers[j].state_dict() for j in used], used, spec.layers_path + ".")
-        acts = None
-        if cfg.align_on == "activations":
-            tc = time.perf_counter()
-            acts = self._calibrate(cfg, layers, {j for _, s in new for j in s.sources}, calibration, tokenizer)
-            report.timings["calibration"] = time.perf_counter() - tc
-        elif calibration is not None and cfg.layout != "auto":
+        if calibration is not None and cfg.align_on != "activations" and cfg.layout != "auto":
             raise ConfigError(
                 "calibration= is only used with align_on='activations' or layout='auto': drop it or set one"
             )
-
-        t0 = time.perf_counter()
-        states: dict[int, dict[str, torch.Tensor]] = {}
-        align_s = 0.0
-        for i, src in tqdm(new, desc=f"hf_deepen {cfg.method}", unit="layer", disable=not _show(progress)):
-            sources = [layers[j].state_dict() for j in src.sources]
-            where = f"{model.config.model_type} layers {list(src.sources)}"
-            ta = time.perf_counter()
-            context = {}
-            if acts is not None:
-                from .align.activations import activation_costs
-
-                o = [spec.to_canonical(st)[0]["o"] for st in sources]
-                context["costs"] = activation_costs(acts[src.sources[0]], acts[src.sources[1]], o[0], o[1], shape)
-            res = build_layer_state(spec, cfg, shape, sources, where, **context)
-            align_s += time.perf_counter() - ta
-            states[i] = res.canon
-            report.layers.append({"index": i, "sources": list(src.sources), "method": cfg.method, "diagnostics": res.diagnostics})
-            self._check(res.diagnostics, i, report)
-            add_stage_seconds(report.timings, res.diagnostics)  # cost / assign / fuse, inside align+fuse
-        report.timings["align+fuse"] = align_s
-        report.timings["build"] = time.perf_counter() - t0
-
-        t1 = time.perf_counter()
-        apply_plan(model, spec, plan, states)
-        update_config(model.config, spec, plan)
-        spec.after_surgery(model, get_module(model, spec.layers_path))
-        record_provenance(model.config, plan, cfg, self.base_model, spec)
-        report.timings["surgery"] = time.perf_counter() - t1
-        report.params_after = sum(p.numel() for p in model.parameters())
+        seconds = {"load": self.load_seconds} if getattr(self, "load_seconds", None) is not None else {}
+        ta = time.perf_counter()
+        plan = make_plan(cfg, self.spec, self.model.config, len(layers), *self._auto_scores(cfg, calibration, tokenizer))
+        if cfg.layout == "auto":
+            seconds["layout_calibration"] = time.perf_counter() - ta
+        capture = None
+        if cfg.align_on == "activations":
+            def capture(plan: DepthPlan) -> dict[int, dict[str, torch.Tensor]]:
+                used = {j for s in plan.layers if s.kind == "new" for j in s.sources}
+                return self._calibrate(cfg, layers, used, calibration, tokenizer)
+        run = resolve(cfg, self.spec, self.model.config, plan, self.base_model, capture=capture, seconds=seconds)
+        report = run.new_report()
+        execute(run, ModelStateSource(self.model, layers), SurgerySink(self.model, run), report, progress=progress)
         self.report = report
-        return model
+        return self.model
 
     def _auto_scores(self, cfg: UpscaleConfig, calibration: Any, tokenizer: Any) -> tuple[Any, Any]:
         """``layout="auto"``: slot scores and the reason from a block-influence pass; else ``(None, None)``."""
@@ -249,21 +187,6 @@ class DepthUpscaler:
         ids = calibration_ids(tokenizer, calibration, cfg.calibration_tokens, seq_len)
         return capture_activations(self.model, self.spec, layers, sorted(indices), ids)
 
-    @staticmethod
-    def _check(d: dict[str, float], index: int, report: UpscaleReport) -> None:
-        msgs = []
-        for name in ("heads", "neurons", "query", "experts", "expert_neurons"):
-            err = d.get(f"{name}_marginal_error")
-            if err is not None and err > MARGINAL_TOL:
-                msgs.append(f"{name} plan marginals off by {err:.1e} (> {MARGINAL_TOL:g}): raise sinkhorn_max_iter or sinkhorn_reg")
-            ratio = d.get(f"{name}_cost_ratio")
-            if ratio is not None and ratio > COST_RATIO_TOL:
-                msgs.append(f"{name} plan costs {ratio:.3f}x leaving units in place: lower sinkhorn_reg or use solver='exact'")
-        for m in msgs:
-            text = f"new layer {index}: {m}"
-            report.warnings.append(text)
-            warnings.warn(text, AlignmentWarning, stacklevel=3)
-
     # ---- output -----------------------------------------------------------------------------
     def save_pretrained(
         self,
@@ -301,10 +224,3 @@ class DepthUpscaler:
         need = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return atomic_save(save_directory, write, overwrite=overwrite, need_bytes=need)
 
-
-def _show(progress: bool | None) -> bool:
-    if progress is not None:
-        return progress
-    import sys
-
-    return sys.stderr.isatty()
