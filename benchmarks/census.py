@@ -113,6 +113,14 @@ def _shrink(cfg, layers: int, keys: set) -> None:
             _set(cfg, k, layers)
     if all(isinstance(vars(cfg).get(k), int) for k in ("n_input_layers", "n_recurrent_layers", "n_output_layers")):
         cfg.n_input_layers, cfg.n_recurrent_layers, cfg.n_output_layers = 1, layers - 2, 1  # dory: they add up
+    het = vars(cfg).get("_heterogeneity_spec")  # per-layer overrides by index (Gemma-4): keep one, on the last layer
+    if het is not None and isinstance(getattr(het, "per_layer_overrides", None), dict) and het.per_layer_overrides:
+        first = het.per_layer_overrides[min(het.per_layer_overrides)]
+        het.per_layer_overrides.clear()
+        het.per_layer_overrides[layers - 1] = dict(first)
+        lt = getattr(cfg, "layer_types", None)  # its overrides are those of a full-attention layer
+        if isinstance(lt, list) and len(lt) == layers and "full_attention" in (getattr(cfg, "rope_parameters", None) or {}):
+            cfg.layer_types = lt[:-1] + ["full_attention"]
     lt = getattr(cfg, "layer_types", None)
     if isinstance(lt, (list, tuple)) and len(lt) != layers and lt:
         _set(cfg, "layer_types", [lt[i % len(lt)] for i in range(layers)])
@@ -301,8 +309,8 @@ def run_method(base, ids, ref, method: str, save: bool, base_cache: bool = True,
     try:
         import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             up = DepthUpscaler(model)
             kw = {"layout": "solar"} if method == "solar" else {}
             up.upscale(method="solar" if method == "solar" else method, num_layers=TARGET_LAYERS, progress=False, **kw)
@@ -324,6 +332,8 @@ def run_method(base, ids, ref, method: str, save: bool, base_cache: bool = True,
                 rec["ot_units"] = ot[0]
         if rec_note:
             rec["note"] = rec_note
+        if not fp and method != "solar":
+            rec["why"] = why_not_fp(up, caught)
         if cache is False:
             rec["status"] = "crash"
             rec["reason"] = "cached and uncached generation logits differ"
@@ -343,6 +353,19 @@ def run_method(base, ids, ref, method: str, save: bool, base_cache: bool = True,
         return {"status": "crash", "reason": f"{type(e).__name__}: {str(e)[:240]} ({Path(tb.filename).name}:{tb.lineno})"}
     finally:
         _ = time.perf_counter() - t0
+
+
+def why_not_fp(up, caught) -> str:
+    """Why an upscale that asked for zero-init did not preserve the logits: what the library said."""
+    from hf_deepen.arch.spec import ArchitectureWarning
+
+    said = [str(w.message) for w in caught if issubclass(w.category, ArchitectureWarning)]
+    if said:
+        return said[0][:300]
+    if up.report is not None and not up.report.function_preserving:
+        return ("zero-init cannot make this block the identity (no set of its tensors does: a norm after the residual"
+                " add (post-LN), or a residual that is scaled or normed)")
+    return "logits changed although zero-init applies (unexplained)"
 
 
 def _stack(up):
@@ -451,7 +474,8 @@ def write(rows: list[dict], summary: dict, seconds: float) -> None:
         w = csv.writer(f)
         w.writerow(["model_type", "class", "build", *METHODS, "spec", "reason"])
         for r in rows:
-            reasons = "; ".join(f"{m}: {r[m]['reason']}" for m in METHODS if m in r and r[m].get("reason"))
+            reasons = "; ".join(f"{m}: {r[m].get('reason') or 'not fp: ' + r[m]['why']}" for m in METHODS
+                                if m in r and (r[m].get("reason") or r[m].get("why")))
             spec = next((r[m].get("spec") for m in METHODS if m in r and r[m].get("spec")), "")
             w.writerow([r["model_type"], r.get("class", ""), r["status"],
                         *[r[m]["status"] if m in r else "" for m in METHODS], spec, reasons or r.get("reason", "")])
@@ -473,7 +497,8 @@ def write_doc(rows: list[dict], summary: dict, meta: dict) -> None:
             lines.append(f"| `{r['model_type']}` | | build failed | | | | {_cell(r.get('reason', ''))} |")
             continue
         spec = next((r[m].get("spec") for m in METHODS if r[m].get("spec")), "")
-        reason = next((f"{m}: {r[m]['reason']}" for m in ("opt", "copy", "avg", "solar") if r[m].get("reason")), "")
+        reason = next((f"{m}: {r[m]['reason']}" for m in ("opt", "copy", "avg", "solar") if r[m].get("reason")), "") \
+            or next((f"{m} not fp: {r[m]['why']}" for m in ("copy", "avg", "opt") if r[m].get("why")), "")
         lines.append(f"| `{r['model_type']}` | {spec} | " + " | ".join(r[m]["status"] for m in METHODS)
                      + f" | {_cell(reason)} |")
     lines += ["", END]

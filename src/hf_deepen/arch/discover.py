@@ -121,6 +121,7 @@ class LayerFacts:
     writers: tuple[str, ...] | None  # tensors zeroed to make the block the identity; None: impossible
     groups: tuple[UnitGroup, ...] = ()
     refused: tuple[str, ...] = ()  # candidate unit groups whose permutation changed the block
+    ones: tuple[str, ...] = ()  # residual gains (Doge's input_residual) set to 1 along with the writers
 
 
 NO_FACTS = LayerFacts(None, (), ("the block could not be probed",))
@@ -175,7 +176,9 @@ class DiscoveredSpec(ArchSpec):
     def zero_values(self, requested: str) -> dict[str, float]:
         self.zero_target(requested)
         facts = self.bound
-        return {k: 0.0 for k in (facts.writers or ())} if facts else {}
+        if not facts or facts.writers is None:
+            return {}
+        return {**{k: 0.0 for k in facts.writers}, **{k: 1.0 for k in facts.ones}}
 
 
     def check_plan(self, plan: Any, config: Any) -> None:
@@ -266,7 +269,7 @@ class DiscoveredSpec(ArchSpec):
         res = self._fuse([{k: a[k] for k in common}, {k: b[k] for k in common}], cfg, zero, dtype, groups, ())
         for k in a:
             if k not in common:
-                res.canon[k] = torch.zeros_like(a[k], dtype=dtype) if cfg.zero_init and k in (zero or {}) \
+                res.canon[k] = torch.full_like(a[k], zero[k], dtype=dtype) if cfg.zero_init and k in (zero or {}) \
                     else a[k].detach().to(dtype)
         res.diagnostics["kept_from_lower_parent"] = len(a) - len(common)
         res.diagnostics["fused_with_upper_parent"] = len(common)
@@ -670,10 +673,22 @@ def _probe_block(block: torch.nn.Module, call: tuple, config: Any) -> LayerFacts
         hooks = []
         if y_ref is None or not torch.isfinite(y_ref).all():
             return NO_FACTS
-        writers = _writers(block, params, perturbed, _units(block, order), run, x)
+        units = _units(block, order)
+        writers = _writers(block, params, perturbed, units, run, x)
+        ones: tuple[str, ...] = ()
+        gains = [k for k, p in params.items() if p.dim() == 1 and "residual" in k.rpartition(".")[2]]
+        if writers is None and gains:  # a learned gain on the residual (Doge): the identity needs it at 1
+            block.load_state_dict(perturbed)
+            with torch.no_grad():
+                for k in gains:
+                    params[k].fill_(1.0)
+            rest = [(r, n, [k for k in keys if k not in gains]) for r, n, keys in units]
+            writers = _writers(block, params, {**perturbed, **{k: params[k].detach().clone() for k in gains}},
+                               [u for u in rest if u[2]], run, x)
+            ones = tuple(gains) if writers is not None else ()
         block.load_state_dict(perturbed)
         groups, refused = _proven_groups(block, perturbed, y_ref, run, config, x.shape[-1], x)
-        return LayerFacts(writers, groups, refused)
+        return LayerFacts(writers, groups, refused, ones)
     finally:
         for h in hooks:
             h.remove()
