@@ -58,6 +58,12 @@ def update_config(config: PretrainedConfig, spec: ArchSpec, plan: DepthPlan) -> 
     (MoE ``mlp_only_layers``) are rewritten by the spec's :meth:`~ArchSpec.update_layer_config`."""
     config = spec.layer_config(config)  # a multimodal wrapper: its text_config
     owned = spec.update_layer_config(config, [s.sources[0] for s in plan.layers])
+    het = vars(config).get("_heterogeneity_spec")  # a heterogeneous config (Gemma-4): overrides by layer index
+    if het is not None and isinstance(getattr(het, "per_layer_overrides", None), dict):
+        old_over = dict(het.per_layer_overrides)
+        het.per_layer_overrides.clear()
+        het.per_layer_overrides.update({i: copy.deepcopy(old_over[s.sources[0]]) for i, s in enumerate(plan.layers)
+                                        if s.sources[0] in old_over})
     for name in per_layer_fields(config, spec, plan.base_num_layers):
         if name in owned:
             continue

@@ -121,6 +121,7 @@ class LayerFacts:
     writers: tuple[str, ...] | None  # tensors zeroed to make the block the identity; None: impossible
     groups: tuple[UnitGroup, ...] = ()
     refused: tuple[str, ...] = ()  # candidate unit groups whose permutation changed the block
+    ones: tuple[str, ...] = ()  # residual gains (Doge's input_residual) set to 1 along with the writers
 
 
 NO_FACTS = LayerFacts(None, (), ("the block could not be probed",))
@@ -175,10 +176,24 @@ class DiscoveredSpec(ArchSpec):
     def zero_values(self, requested: str) -> dict[str, float]:
         self.zero_target(requested)
         facts = self.bound
-        return {k: 0.0 for k in (facts.writers or ())} if facts else {}
+        if not facts or facts.writers is None:
+            return {}
+        return {**{k: 0.0 for k in facts.writers}, **{k: 1.0 for k in facts.ones}}
 
+
+    def check_plan(self, plan: Any, config: Any) -> None:
+        """Refuse, before any work, a plan whose config would not rebuild this model on reload: the
+        updated config must validate (Dory checks its layer groups add up), and a model built from it
+        must have, at each position, a block of the kind the plan puts there (Jamba derives its layer
+        kinds from ``attn_layer_period`` / ``offset``, not from a per-layer list)."""
+        cls = self.extra.get("model_cls")
+        if cls is None or not self.layer_signatures or plan.num_layers == plan.base_num_layers:
+            return
+        check_rebuild(self, cls, plan, config)
 
     def update_layer_config(self, config: Any, sources: list[int]) -> tuple[str, ...]:
+        for name in self.extra.get("also_count", ()):  # BART-style causal LM: the cache counts num_hidden_layers
+            setattr(config, name, len(sources))
         owned = []
         for name in self.index_lists:
             old = getattr(config, name, None)
@@ -193,6 +208,7 @@ class DiscoveredSpec(ArchSpec):
         ``lambda_init``, a sliding window by layer type): each block is rebuilt on the meta device
         with the new config and index, and every scalar attribute that differs is taken from it, so the
         model in memory is the one ``from_pretrained`` rebuilds from the saved config."""
+        refresh_model_lists(model, self.layer_config(model.config), self.per_layer_config + self.index_lists)
         changed = refresh_constants(layers, self.layer_config(model.config))
         if changed:
             import warnings
@@ -253,7 +269,7 @@ class DiscoveredSpec(ArchSpec):
         res = self._fuse([{k: a[k] for k in common}, {k: b[k] for k in common}], cfg, zero, dtype, groups, ())
         for k in a:
             if k not in common:
-                res.canon[k] = torch.zeros_like(a[k], dtype=dtype) if cfg.zero_init and k in (zero or {}) \
+                res.canon[k] = torch.full_like(a[k], zero[k], dtype=dtype) if cfg.zero_init and k in (zero or {}) \
                     else a[k].detach().to(dtype)
         res.diagnostics["kept_from_lower_parent"] = len(a) - len(common)
         res.diagnostics["fused_with_upper_parent"] = len(common)
@@ -290,6 +306,65 @@ class DiscoveredSpec(ArchSpec):
 
 
 _SCALARS = (int, float, bool, str)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:240]
+
+
+def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
+    """See :meth:`DiscoveredSpec.check_plan`."""
+    import copy
+    import warnings
+
+    from ..surgery import update_config
+    from .registry import get_module
+
+    def validates(c: Any) -> Exception | None:
+        try:
+            type(c).from_dict(c.to_dict())
+        except Exception as e:  # noqa: BLE001 - any validation error of the family's config class
+            return e
+        return None
+
+    new = copy.deepcopy(config)
+    update_config(new, spec, plan)
+    err = validates(new)
+    if err is not None and validates(config) is None:
+        raise UnsupportedArchitectureError(
+            f"{spec.name}: the config with {plan.num_layers} layers does not validate ({_first_line(err)}): the"
+            f" family describes its layer structure in config fields that depend on each other; hf_deepen updates"
+            f" '{spec.count_field}' and per-layer lists only, so a reload would fail. Not supported for this family"
+        )
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            fresh = get_module(cls(new), spec.layers_path)
+    except Exception:  # noqa: BLE001 - the model cannot be built on meta: nothing to compare against
+        return
+    for i, src in enumerate(plan.layers):
+        want = spec.layer_signatures[src.sources[0]]
+        got = signature(fresh[i].state_dict()) if i < len(fresh) else None
+        if got != want:
+            kind = type(fresh[i]).__name__ if i < len(fresh) else "no layer"
+            raise UnsupportedArchitectureError(
+                f"{spec.name}: position {i} of the upscaled stack takes a block like layer {src.sources[0]},"
+                f" but a model built from the updated config has a different block there ({kind}): the family derives layer kinds from the layer index"
+                " (a period / offset in the config), not from a per-layer list, so the saved model would not reload"
+                " as upscaled. Not supported for this family (choose num_layers / positions that keep the pattern)"
+            )
+
+
+def refresh_model_lists(model: torch.nn.Module, config: Any, names: tuple[str, ...]) -> None:
+    """Model attributes copied from per-layer config fields at construction (Mllama's
+    ``cross_attention_layers``) take the updated field."""
+    for mod in model.modules():
+        for name in names:
+            if name in vars(mod) and isinstance(vars(mod)[name], (list, tuple, set)):
+                val = getattr(config, name, None)
+                if isinstance(val, (list, tuple)):
+                    setattr(mod, name, type(vars(mod)[name])(val))
 
 
 def refresh_constants(layers: torch.nn.ModuleList, config: Any) -> list[str]:
@@ -374,6 +449,9 @@ def find_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList, str, s
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                 counts.append((path, f, v))
                 break
+        v = getattr(c, "decoder_layers", None)  # encoder-decoder (BART: num_hidden_layers is encoder_layers)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            counts = [t for t in counts if not (t[0] == path and t[2] == v)] + [(path, "decoder_layers", v)]
     best = None
     for name, m in model.named_modules():
         if not isinstance(m, torch.nn.ModuleList) or len(m) == 0:
@@ -404,8 +482,8 @@ def _layer_lists(config: Any, n: int) -> tuple[tuple[str, ...], tuple[str, ...]]
     for k, v in vars(config).items():
         if k.startswith("_") or k in _NOT_PER_LAYER or not isinstance(v, (list, tuple)):
             continue
-        ints = bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < n for x in v)
-        if (ints and len(v) <= n and list(v) == sorted(set(v)) and any(t in k for t in ("idx", "indices", "layer", "ids"))
+        ints = bool(v) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x for x in v) and min(v) < n
+        if (ints and (len(v) <= n or max(v) >= n) and list(v) == sorted(set(v)) and any(t in k for t in ("idx", "indices", "layer", "ids"))
                 and (len(v) < n or n > 2)):
             idx.append(k)  # layer indices (moe_layers, full_attn_idxs): renumbered, not repeated
         elif len(v) == n and n > 1:
@@ -447,6 +525,15 @@ def discover_spec(model: torch.nn.Module, why: Exception | None = None) -> ArchS
     config = model.config
     mt = getattr(config, "model_type", None)
     path, layers, cpath, count = find_stack(model)
+    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+    twins = [n for n, m in parent.named_children()
+             if isinstance(m, torch.nn.ModuleList) and m is not layers and len(m) == len(layers)]
+    if twins:
+        raise UnsupportedArchitectureError(
+            f"model_type {mt!r}: a layer is split over parallel ModuleLists ({path.rpartition('.')[2]},"
+            f" {', '.join(twins)}), not one block per entry; inserting into one of them would leave the others"
+            " short. Not supported: pass a spec whose layers_path is a ModuleList of whole blocks"
+        )
     lc = getattr(config, cpath) if cpath else config
     per, idx = _layer_lists(lc, len(layers))
     index_attrs = _index_attrs(layers)
@@ -458,11 +545,15 @@ def discover_spec(model: torch.nn.Module, why: Exception | None = None) -> ArchS
             named = llama_like(f"generic:{sub_mt}", (str(sub_mt),))
         if named is not None and _fits(named, layers[0], lc):
             return nest(named, path, cpath, count, per)
+    extra: dict[str, Any] = {"model_cls": type(model)}
+    if count == "decoder_layers" and getattr(lc, "num_hidden_layers", None) == len(layers) \
+            and not any(n.rpartition(".")[2] == "encoder" for n, _ in model.named_modules()):
+        extra["also_count"] = ("num_hidden_layers",)  # its encoder_layers: no encoder here, the cache reads it
     facts, sigs = probe(model, layers, lc)
     return DiscoveredSpec(
         name=f"discovered:{mt}", model_types=(str(mt),), tensors={}, residual=("*",), layers_path=path,
         index_attrs=index_attrs, per_layer_config=per, config_path=cpath, count_field=count,
-        facts=facts, layer_signatures=sigs, index_lists=idx,
+        facts=facts, layer_signatures=sigs, index_lists=idx, extra=extra,
         notes=f"structure discovered by probing ({type(why).__name__ if why else 'no spec'})",
     )
 
@@ -582,10 +673,22 @@ def _probe_block(block: torch.nn.Module, call: tuple, config: Any) -> LayerFacts
         hooks = []
         if y_ref is None or not torch.isfinite(y_ref).all():
             return NO_FACTS
-        writers = _writers(block, params, perturbed, _units(block, order), run, x)
+        units = _units(block, order)
+        writers = _writers(block, params, perturbed, units, run, x)
+        ones: tuple[str, ...] = ()
+        gains = [k for k, p in params.items() if p.dim() == 1 and "residual" in k.rpartition(".")[2]]
+        if writers is None and gains:  # a learned gain on the residual (Doge): the identity needs it at 1
+            block.load_state_dict(perturbed)
+            with torch.no_grad():
+                for k in gains:
+                    params[k].fill_(1.0)
+            rest = [(r, n, [k for k in keys if k not in gains]) for r, n, keys in units]
+            writers = _writers(block, params, {**perturbed, **{k: params[k].detach().clone() for k in gains}},
+                               [u for u in rest if u[2]], run, x)
+            ones = tuple(gains) if writers is not None else ()
         block.load_state_dict(perturbed)
         groups, refused = _proven_groups(block, perturbed, y_ref, run, config, x.shape[-1], x)
-        return LayerFacts(writers, groups, refused)
+        return LayerFacts(writers, groups, refused, ones)
     finally:
         for h in hooks:
             h.remove()
@@ -623,13 +726,22 @@ def _linears(mod: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
             and isinstance(getattr(c, "in_features", None), int) and isinstance(c, torch.nn.Linear)]
 
 
+def _get(config: Any, name: str) -> Any:
+    """``getattr(config, name, None)``, also None where a heterogeneous config (Gemma-4 unified) refuses a
+    global read of a per-layer attribute."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError
+        return None
+
+
 def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGroup]:
     out: list[UnitGroup] = []
     state = block.state_dict()
-    heads = next((getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if
-                  isinstance(getattr(config, k, None), int)), None)
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    hd = getattr(config, "head_dim", None) or (hidden // heads if heads else None)
+    heads = next((_get(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if
+                  isinstance(_get(config, k), int)), None)
+    kv = _get(config, "num_key_value_heads") or heads
+    hd = _get(config, "head_dim") or (hidden // heads if heads else None)
     # every Linear of the block by its full name (for units whose producer and reader are not siblings:
     # BERT's intermediate.dense -> output.dense, attention.self.query -> attention.output.dense)
     all_lins = [(f"{m}.{n}" if m else n, c) for m, mod in block.named_modules() for n, c in _linears(mod)]

@@ -1,0 +1,83 @@
+"""Families the census found broken (issue 12), each fixed to an invariant, not a snapshot.
+
+Function preserving where zero-init applies: the logits of a tiny random model are unchanged after
+inserting 2 layers, a cached greedy step equals the full recomputation, and save -> from_pretrained
+gives the same class and logits. Where the upscaled model could not reload as upscaled, a typed
+refusal comes before any change to the model.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import census  # noqa: E402
+
+from hf_deepen import DepthUpscaler  # noqa: E402
+from hf_deepen.errors import UnsupportedArchitectureError  # noqa: E402
+
+#: type -> what was wrong (each now upscales function-preservingly with copy and avg)
+FIXED = {
+    "mbart": "decoder-only BART style: the stack counts decoder_layers, the cache num_hidden_layers",
+    "mllama": "cross_attention_layers: an index list with entries past the tiny depth, copied onto the model",
+    "gemma4_unified_text": "heterogeneous config: per-layer overrides by index, remapped to the new positions",
+    "doge": "a learned gain on the residual (input_residual): the identity needs it at 1, not 0",
+    "deepseek_v3": "MLA: the census builder left qk_head_dim stale (the tiny model did not build)",
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FIXED))
+def built(request):
+    model, ids, ref, _ = census.build_tiny(request.param)
+    return request.param, model, ids, ref
+
+
+@pytest.mark.parametrize("method", ["copy", "avg"])
+def test_fixed_family_preserves_logits_cache_and_reload(built, method):
+    model_type, model, ids, ref = built
+    rec = census.run_method(model, ids, ref, method, save=method == "copy")
+    assert rec["status"] == "fp", (model_type, FIXED[model_type], rec)
+    assert rec["cache"] is True, rec
+    if method == "copy":
+        assert rec["reload"] == type(model).__name__
+
+
+def _upscaled(model_type: str):
+    import copy
+
+    model, ids, ref, _ = census.build_tiny(model_type)
+    model = copy.deepcopy(model)
+    DepthUpscaler(model).upscale(method="copy", num_layers=6, progress=False)
+    return model
+
+
+def test_mllama_model_attribute_follows_the_renumbered_index_list():
+    model = _upscaled("mllama")
+    text = model.model
+    cfg = model.config
+    assert list(text.cross_attention_layers) == list(cfg.cross_attention_layers)
+    kinds = [type(layer).__name__ for layer in text.layers]
+    assert [i for i, k in enumerate(kinds) if "Cross" in k] == [i for i in cfg.cross_attention_layers if i < 6]
+
+
+def test_heterogeneous_overrides_move_with_their_layers():
+    model = _upscaled("gemma4_unified_text")
+    cfg = model.config
+    layers = model.model.layers
+    for i, layer in enumerate(layers):  # every block's head_dim is the one its config entry gives
+        assert layer.self_attn.head_dim == cfg.per_layer_config[i].head_dim
+
+
+@pytest.mark.parametrize("model_type", ["jamba", "dory", "xlm"])
+def test_typed_refusal_before_any_change(model_type):
+    """jamba: layer kinds from attn_layer_period/offset; dory: input/recurrent/output layer counts that
+    must add up; xlm: one layer split over parallel ModuleLists. None can reload as upscaled."""
+    model, ids, ref, _ = census.build_tiny(model_type)
+    n = len(list(model.parameters()))
+    with pytest.raises(UnsupportedArchitectureError):
+        DepthUpscaler(model).upscale(method="copy", num_layers=6, progress=False)
+    assert len(list(model.parameters())) == n
+    assert census.close(census.logits(model, ids), ref)
