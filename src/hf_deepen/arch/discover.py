@@ -459,12 +459,15 @@ def discover_spec(model: torch.nn.Module, why: Exception | None = None) -> ArchS
         if named is not None and _fits(named, layers[0], lc):
             return nest(named, path, cpath, count, per)
     facts, sigs = probe(model, layers, lc)
-    return DiscoveredSpec(
+    spec = DiscoveredSpec(
         name=f"discovered:{mt}", model_types=(str(mt),), tensors={}, residual=("*",), layers_path=path,
         index_attrs=index_attrs, per_layer_config=per, config_path=cpath, count_field=count,
         facts=facts, layer_signatures=sigs, index_lists=idx,
         notes=f"structure discovered by probing ({type(why).__name__ if why else 'no spec'})",
     )
+    from .encoder import encoder_spec  # encoders: post-LN zero-init, a first layer built differently
+
+    return encoder_spec(spec, model, layers) or spec
 
 
 # ---- probing ------------------------------------------------------------------------------------
