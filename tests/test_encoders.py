@@ -60,10 +60,6 @@ def logits(model, x):
         return model(input_ids=x).logits
 
 
-def stack(model):
-    return DepthUpscaler(model).spec  # (the spec says where the layers are)
-
-
 def layers_of(model):
     from hf_deepen.arch import get_module
 
@@ -266,3 +262,73 @@ def test_trainer_sequence_classification(tmp_path):
     changed = _train(out, tmp_path, lambda d: (d[:, 0] % 3).tolist())
     assert any(n.startswith("classifier.") for n in changed)
     assert any(f".layer.{i}." in n for n in changed for i in out.config.hf_deepen["new_layer_indices"])
+
+
+def test_bert_with_cross_attention_is_not_given_the_two_norm_construction():
+    """A BERT decoder layer with cross-attention has a third norm between the two: the layout does not
+    match, and zero-init is refused rather than reported function preserving."""
+    model = build("bert", is_decoder=True, add_cross_attention=True)
+    assert encoder.match_layout(layers_of(model)[0]) is None
+    assert DepthUpscaler(model).spec.post_ln_refused
+    assert encoder.match_layout(layers_of(build("bert"))[0]) is not None
+
+
+def test_modernbert_decoder_first_layer_rebuilt(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = config("modernbert-decoder", local_attention=4)
+    torch.manual_seed(0)
+    model = perturb(AutoModelForCausalLM.from_config(cfg))
+    x = ids(13)
+    ref = logits(model, x)
+    out = DepthUpscaler(model).upscale(method="copy", positions=[0])
+    assert isinstance(out.model.layers[1].attn_norm, torch.nn.LayerNorm)
+    torch.testing.assert_close(logits(out, x), ref, atol=1e-5, rtol=1e-5)
+    out.save_pretrained(tmp_path)
+    again, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"], info
+    torch.testing.assert_close(logits(again.eval(), x), logits(out, x), atol=0, rtol=0)
+
+
+def test_bare_automodel_upscaled_twice():
+    """A bare ``AutoModel`` (no head), upscaled 4 -> 6 -> 9: the second stage's lower layers include
+    layers the first made (their output norm carries the moved affine)."""
+    torch.manual_seed(0)
+    model = perturb(AutoModel.from_config(config("bert")))
+    x = ids()
+    with torch.no_grad():
+        ref = model(input_ids=x).last_hidden_state
+    DepthUpscaler(model).upscale(method="opt")
+    DepthUpscaler(model).upscale(method="avg", positions=[0, 2, 4])
+    assert len(model.encoder.layer) == 9 and model.config.num_hidden_layers == 9
+    assert len(model.config.hf_deepen["stages"]) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).last_hidden_state, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_from_pretrained_with_a_model_class(tmp_path):
+    model = build("modernbert")
+    model.save_pretrained(tmp_path / "base")
+    x = ids(13)
+    ref = logits(model, x)
+    up = DepthUpscaler.from_pretrained(tmp_path / "base", model_class=AutoModelForMaskedLM)
+    out = up.upscale(method="opt")
+    assert type(out).__name__ == "ModernBertForMaskedLM"
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        up.save_pretrained(tmp_path / "deep")
+    again = AutoModelForMaskedLM.from_pretrained(tmp_path / "deep").eval()
+    torch.testing.assert_close(logits(again, x), ref, atol=1e-5, rtol=1e-5)
+    assert again.config.hf_deepen["stages"][0]["function_preserving"]
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-6])
+def test_post_ln_error_is_layernorm_eps_not_structure(eps):
+    """In float64 the only difference left is LayerNorm's eps (``normalise(n)`` is ``n`` up to a factor
+    ``1 + O(eps)``): it scales with eps, so the construction itself is exact."""
+    model = build("roberta", layer_norm_eps=eps).double()
+    x = ids()
+    ref = logits(model, x)
+    out = DepthUpscaler(model).upscale(method="avg")
+    err = float((logits(out, x) - ref).abs().max())
+    assert err < 20 * eps * float(ref.abs().max()), err
+    assert eps < 1e-9 or err > 1e-3 * eps  # (the eps effect is real: the bound is not vacuous)
