@@ -332,3 +332,36 @@ def test_post_ln_error_is_layernorm_eps_not_structure(eps):
     err = float((logits(out, x) - ref).abs().max())
     assert err < 20 * eps * float(ref.abs().max()), err
     assert eps < 1e-9 or err > 1e-3 * eps  # (the eps effect is real: the bound is not vacuous)
+
+
+def test_post_ln_readers_see_the_stream_as_their_source_did():
+    """The folds: the new layer's query / key / value on ``n`` (what the plain lower layer now outputs)
+    equal its source's on ``x = g_p * n + b_p``, and its MLP input Linear on a plain-normed ``u`` equals
+    the source's on ``g1 * u + b1`` (with writers put back, the new layer is then its source's function
+    of the stream except for the residual path)."""
+    model = build("bert")
+    p = layers_of(model)[2]
+    lay = encoder.match_layout(p)
+    state = {k: v.clone() for k, v in p.state_dict().items()}
+    new = copy.deepcopy(p)
+    new.load_state_dict(post_ln_state(state, state, lay))
+    g = torch.Generator().manual_seed(3)
+    n = torch.randn(5, 32, generator=g)
+    x = n * state[f"{lay.out_norm}.weight"] + state[f"{lay.out_norm}.bias"]
+    with torch.no_grad():
+        for r in lay.input_readers:
+            torch.testing.assert_close(new.get_submodule(r)(n), p.get_submodule(r)(x), atol=1e-5, rtol=1e-5)
+        u = torch.randn(5, 32, generator=g)
+        h = u * state[f"{lay.attn_norm}.weight"] + state[f"{lay.attn_norm}.bias"]
+        for r in lay.mid_readers:
+            torch.testing.assert_close(new.get_submodule(r)(u), p.get_submodule(r)(h), atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_with_frozen_base_layers_moves_only_new_layers(tmp_path):
+    from hf_deepen.training import freeze_base_layers, new_layer_parameter_names
+
+    model = build("bert")
+    out = DepthUpscaler(model).upscale(method="copy")
+    freeze_base_layers(out, verbose=False)
+    changed = _train(out, tmp_path, _mlm_labels)
+    assert changed and changed <= new_layer_parameter_names(out)
