@@ -55,18 +55,22 @@ class DepthUpscaler:
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | Path, *, trust_remote_code: bool = False, **kwargs: Any
+        cls, pretrained_model_name_or_path: str | Path, *, trust_remote_code: bool = False, model_class: Any = None,
+        **kwargs: Any
     ) -> "DepthUpscaler":
         """Load with ``AutoModelForCausalLM.from_pretrained``; every keyword passes through.
 
-        No remote code runs unless ``trust_remote_code=True`` is given.
+        ``model_class``: another class to load with (``AutoModelForMaskedLM`` for an encoder such as
+        BERT or ModernBERT, ``AutoModel`` for a bare stack). No remote code runs unless
+        ``trust_remote_code=True`` is given.
         """
         from .validate import checkpoint_errors, preflight
 
         t0 = time.perf_counter()
         source = preflight(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
         with checkpoint_errors(pretrained_model_name_or_path):
-            model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+            model = (model_class or AutoModelForCausalLM).from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                                          **kwargs)
         name = str(pretrained_model_name_or_path)
         if kwargs.get("gguf_file"):
             name = f"{name}/{kwargs['gguf_file']}" if Path(name).is_dir() else f"{name}:{kwargs['gguf_file']}"

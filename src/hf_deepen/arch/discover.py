@@ -550,12 +550,15 @@ def discover_spec(model: torch.nn.Module, why: Exception | None = None) -> ArchS
             and not any(n.rpartition(".")[2] == "encoder" for n, _ in model.named_modules()):
         extra["also_count"] = ("num_hidden_layers",)  # its encoder_layers: no encoder here, the cache reads it
     facts, sigs = probe(model, layers, lc)
-    return DiscoveredSpec(
+    spec = DiscoveredSpec(
         name=f"discovered:{mt}", model_types=(str(mt),), tensors={}, residual=("*",), layers_path=path,
         index_attrs=index_attrs, per_layer_config=per, config_path=cpath, count_field=count,
         facts=facts, layer_signatures=sigs, index_lists=idx, extra=extra,
         notes=f"structure discovered by probing ({type(why).__name__ if why else 'no spec'})",
     )
+    from .encoder import encoder_spec  # encoders: post-LN zero-init, a first layer built differently
+
+    return encoder_spec(spec, model, layers) or spec
 
 
 # ---- probing ------------------------------------------------------------------------------------

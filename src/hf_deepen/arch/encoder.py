@@ -1,0 +1,320 @@
+"""Encoders (BERT, RoBERTa, ELECTRA, DistilBERT, ModernBERT): what a discovered spec needs on top.
+
+Discovery (``arch/discover.py``) already finds an encoder's stack, its per-layer config lists and
+its OT units; two things are encoder-specific and live here.
+
+**Post-LN blocks (BERT-style).** A BERT layer computes ``h = LN1(x + A(x))`` and
+``y = LN2(h + F(h))``. Zeroing the writers ``A``, ``F`` (the attention and MLP output projections)
+leaves ``y = LN2(LN1(x))``, which is not ``x``: the input ``x`` of a block is the previous block's
+``LN2_p`` output, ``x = g_p * n + b_p`` with ``n`` normalised (mean 0, variance ~1), and
+``LN(g * n + b) != g * n + b`` for a trained gain ``g`` that is not constant (the mean and the
+variance of ``g * n`` depend on ``n``). No choice of the new block's own norm parameters fixes
+that: its output is ``g2 * normalise(g1 * normalise(x) + b1) + b2``, and ``normalise(x)`` is not an
+affine function of ``n`` unless ``g_p`` is constant. So, keeping every base layer as it is, a new
+post-LN block cannot be the identity (``tests/test_encoders.py`` shows the naive copy-the-norms
+construction failing).
+
+What *is* exact is a reparametrisation of the pair (base layer ``p``, new layer): the affine of
+``p``'s output norm moves up into the new block.
+
+- base layer ``p``: ``LN2_p`` gain -> 1, bias -> 0, so it outputs ``n``;
+- new layer: writers zeroed, ``LN1`` gain -> 1, bias -> 0 (``normalise(n) = n``), ``LN2`` gain and
+  bias -> ``g_p``, ``b_p``, so it outputs ``g_p * n + b_p = x``, what layer ``p + 1`` read before;
+- the new layer's readers of its input (query, key, value) get ``g_p`` and ``b_p`` folded in
+  (``W diag(g_p)``, ``b + W b_p``), and those of ``h`` (the MLP's first Linear) its own ``LN1``
+  affine, so they compute on the stream what their source layers computed.
+
+The result is the identity up to LayerNorm's ``eps``: ``normalise(n)`` is ``n`` scaled by
+``sqrt((v + eps) / (v + eps * (v + eps)))``, where ``v`` is the variance of the sum layer ``p``
+normalised, a relative error of about ``(eps / 2) * |1 / v - 1|`` (no constant gain cancels it, as it
+depends on ``v``). For BERT's ``eps = 1e-12`` that is far below float32 rounding; for
+``eps = 1e-5`` (RoBERTa-base, XLM-R) it is of the order of float32 rounding of the logits. Measured
+on the tiny test models with perturbed norms: max logit difference 4-7e-6 in float32 (logits up to
+12), and 1.7e-12 / 1.7e-7 / 1.7e-5 in float64 for eps 1e-12 / 1e-7 / 1e-5. What changes is the hidden state *between* ``p`` and the new layer
+(``output_hidden_states``): ``n`` instead of ``g_p * n + b_p``. The construction is checked on the
+model itself when the spec is built (one block with perturbed weights, on its captured input):
+a layout whose check fails is not used, and zero-init on it is refused.
+
+Known post-LN layouts are listed by module name (:data:`LAYOUTS`), since what must move where
+cannot be read off a trace; a layout is used only when its modules exist and are LayerNorms and
+``Linear`` s, and the check passes.
+
+**A first layer built differently (ModernBERT).** ModernBERT's layer 0 has no attention norm
+(``nn.Identity``; the embeddings are normed): a new layer made from layer 0 and placed at index
+``>= 1`` must have one, or ``from_pretrained`` rebuilds it with a freshly initialised norm. After
+surgery each new layer is compared with what the model class builds at its index, and a module of
+the wrong type is replaced by the upper neighbour's (a fresh one if it has none). In a
+function-preserving upscale the attention that reads it is zeroed, so this changes nothing.
+
+ModernBERT's global / local attention pattern is ``config.layer_types`` (transformers >= 5;
+``global_attn_every_n_layers`` only seeds it): a new layer takes its source's entry and base layers
+keep theirs, so the pattern is no longer "every n-th" but every layer attends as it did.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import UnsupportedArchitectureError
+from .discover import DiscoveredSpec, _hidden, capture_calls
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class PostLN:
+    """Where a post-LN block keeps its writers, norms and the readers of its normed values."""
+
+    name: str
+    attn_out: str  # the Linear writing attention into the residual sum
+    attn_norm: str  # the LayerNorm after ``x + attention``
+    ffn_out: str  # the Linear writing the MLP into the residual sum
+    out_norm: str  # the LayerNorm after ``h + mlp``: the block's output
+    input_readers: tuple[str, ...]  # Linears reading the block input (query, key, value)
+    mid_readers: tuple[str, ...]  # Linears reading ``attn_norm``'s output (the MLP's first)
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        return tuple(f"{m}.{p}" for m in (self.attn_out, self.ffn_out) for p in ("weight", "bias"))
+
+
+LAYOUTS = (
+    PostLN("bert", "attention.output.dense", "attention.output.LayerNorm", "output.dense", "output.LayerNorm",
+           ("attention.self.query", "attention.self.key", "attention.self.value"), ("intermediate.dense",)),
+    PostLN("distilbert", "attention.out_lin", "sa_layer_norm", "ffn.lin2", "output_layer_norm",
+           ("attention.q_lin", "attention.k_lin", "attention.v_lin"), ("ffn.lin1",)),
+)
+
+
+def match_layout(layer: torch.nn.Module) -> PostLN | None:
+    """The first layout of :data:`LAYOUTS` whose modules ``layer`` has, with the right types."""
+    mods = dict(layer.named_modules())
+    norms = {n for n, m in mods.items() if isinstance(m, torch.nn.LayerNorm)}
+    for lay in LAYOUTS:
+        if norms != {lay.attn_norm, lay.out_norm}:
+            continue  # a third norm (BERT's cross-attention in a decoder) would sit between the two
+        lins = (lay.attn_out, lay.ffn_out) + lay.input_readers + lay.mid_readers
+        if not all(isinstance(mods.get(n), torch.nn.Linear) and mods[n].bias is not None for n in lins):
+            continue
+        if all(isinstance(mods.get(n), torch.nn.LayerNorm) and mods[n].weight is not None and mods[n].bias is not None
+               for n in (lay.attn_norm, lay.out_norm)):
+            return lay
+    return None
+
+
+def _fold(state: dict[str, Tensor], readers: tuple[str, ...], gain: Tensor, bias: Tensor) -> None:
+    """``W x`` for ``x = gain * u + bias`` as a function of ``u``: ``W diag(gain)``, ``b + W bias``."""
+    for r in readers:
+        w = state[f"{r}.weight"]
+        w64, g64, b64 = w.to(torch.float64), gain.to(torch.float64), bias.to(torch.float64)
+        state[f"{r}.bias"] = (state[f"{r}.bias"].to(torch.float64) + w64 @ b64).to(w.dtype)
+        state[f"{r}.weight"] = (w64 * g64[None, :]).to(w.dtype)
+
+
+def post_ln_state(new: Mapping[str, Tensor], lower: Mapping[str, Tensor], lay: PostLN) -> dict[str, Tensor]:
+    """The function-preserving new layer (see the module docstring) from a made layer ``new`` and the
+    state of the base layer it goes after (``lower``, before its output norm is made plain)."""
+    out = dict(new)
+    g_p = lower[f"{lay.out_norm}.weight"].detach()
+    b_p = lower[f"{lay.out_norm}.bias"].detach()
+    for k in lay.writers:
+        out[k] = torch.zeros_like(out[k])
+    _fold(out, lay.input_readers, g_p, b_p)
+    _fold(out, lay.mid_readers, out[f"{lay.attn_norm}.weight"], out[f"{lay.attn_norm}.bias"])
+    w1 = out[f"{lay.attn_norm}.weight"]
+    out[f"{lay.attn_norm}.weight"] = torch.ones_like(w1)
+    out[f"{lay.attn_norm}.bias"] = torch.zeros_like(out[f"{lay.attn_norm}.bias"])
+    out[f"{lay.out_norm}.weight"] = g_p.to(w1.dtype).clone()
+    out[f"{lay.out_norm}.bias"] = b_p.to(w1.dtype).clone()
+    return out
+
+
+def make_plain(layer: torch.nn.Module, lay: PostLN) -> None:
+    """Set ``layer``'s output norm to gain 1, bias 0 (its affine has moved to the new layer above)."""
+    norm = layer.get_submodule(lay.out_norm)
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+        norm.bias.zero_()
+
+
+# ---- checking the construction on the model ---------------------------------------------------
+def _with_hidden(call: tuple, x: Tensor) -> tuple:
+    args, kwargs = call
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": x}
+    return (x, *args[1:]), kwargs
+
+
+def _run(block: torch.nn.Module, call: tuple) -> Tensor | None:
+    args, kwargs = call
+    with torch.no_grad():
+        try:
+            return _hidden(block(*args, **kwargs))
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def check_post_ln(layers: torch.nn.ModuleList, calls: Mapping[int, tuple], lay: PostLN) -> float | None:
+    """Max relative difference between ``p(x)`` and ``new(plain_p(x))`` on one block with perturbed
+    weights (``None`` if it could not run). Layer 1 is used when there is one: its input is a
+    block's output norm, as a new layer's is."""
+    i = 1 if 1 in calls else next(iter(calls), None)
+    if i is None:
+        return None
+    block = copy.deepcopy(layers[i]).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g).to(p) * 0.3 * (float(p.abs().mean()) + 0.1))
+    y_ref = _run(block, calls[i])
+    state = {k: v.detach().clone() for k, v in block.state_dict().items()}
+    new = copy.deepcopy(block)
+    new.load_state_dict(post_ln_state(state, state, lay))
+    make_plain(block, lay)
+    mid = _run(block, calls[i])
+    if y_ref is None or mid is None:
+        return None
+    y = _run(new, _with_hidden(calls[i], mid))
+    if y is None or y.shape != y_ref.shape:
+        return None
+    return float((y.float() - y_ref.float()).abs().max()) / (1.0 + float(y_ref.float().abs().max()))
+
+
+#: relative tolerance of :func:`check_post_ln` (float32 rounding of three LayerNorms)
+POST_LN_TOL = 1e-5
+
+
+# ---- the spec -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncoderSpec(DiscoveredSpec):
+    """A discovered spec for an encoder: post-LN zero-init by reparametrisation (``post_ln``), and
+    new layers rebuilt to the module structure of their index (see the module docstring).
+
+    ``post_ln_refused`` is why a post-LN block gets no function-preserving construction (zero-init
+    is then refused with that reason); ``None`` when none was needed or it was found."""
+
+    post_ln: PostLN | None = None
+    post_ln_refused: str | None = None
+    # the plan of the upscale in progress and whether its new layers were built post-LN preserving,
+    # shared by the copies ``for_state`` makes (set by ``check_plan`` / ``make_layer``)
+    pending: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def can_preserve(self, config: Any) -> bool:
+        if self.post_ln is not None:
+            return True
+        return self.post_ln_refused is None and super().can_preserve(config)
+
+    def zero_target(self, requested: str) -> str:
+        if self.post_ln_refused is not None:
+            raise UnsupportedArchitectureError(
+                f"{self.name}: zero-init cannot make a new layer the identity here ({self.post_ln_refused});"
+                " pass zero_init=False for copy / avg / opt layers that are not function preserving"
+            )
+        return super().zero_target(requested)
+
+    def zero_values(self, requested: str) -> dict[str, float]:
+        if self.post_ln is not None:
+            self.zero_target(requested)
+            return {k: 0.0 for k in self.post_ln.writers}
+        if self.post_ln_refused is not None:  # (called with zero_init off too; upscale refuses it on)
+            return {}
+        return super().zero_values(requested)
+
+    def check_plan(self, plan: Any, config: Any) -> None:
+        super().check_plan(plan, config)
+        self.pending.clear()
+        self.pending["plan"] = plan
+
+    def make_layer(self, method: str, sources: list[Mapping[str, Tensor]], shape: Any, cfg: Any,
+                   zero: Mapping[str, float] | None = None, dtype: torch.dtype = torch.float64, **context: Any):
+        res = super().make_layer(method, sources, shape, cfg, zero, dtype, **context)
+        if self.post_ln is not None and cfg.zero_init and method != "solar":
+            res.canon = post_ln_state(res.canon, sources[0], self.post_ln)
+            res.diagnostics["post_ln"] = (f"writers zeroed, {self.post_ln.out_norm} affine moved up from the layer below"
+                                          " (its norm set to gain 1, bias 0): the identity up to LayerNorm eps")
+            self.pending["post_ln"] = True
+        return res
+
+    def after_surgery(self, model: Any, layers: Any) -> None:
+        super().after_surgery(model, layers)
+        plan = self.pending.pop("plan", None)
+        new = plan.new_layer_indices if plan is not None and len(layers) == plan.num_layers else []
+        rebuild_modules(layers, self.layer_config(model.config), new)
+        if self.post_ln is not None and self.pending.pop("post_ln", False):
+            for i in new:  # in order: a run of new layers hands the affine up to the last one
+                make_plain(layers[i - 1], self.post_ln)
+
+
+def rebuild_modules(layers: torch.nn.ModuleList, config: Any, new: list[int]) -> list[str]:
+    """Give each new layer the submodule types its class builds at its index (ModernBERT's layer-0
+    ``Identity`` attention norm becomes a LayerNorm at index >= 1), taken from the layer above when it
+    has one of that type; returns ``"i.name"`` for each module replaced."""
+    import inspect
+
+    done: list[str] = []
+    for i in new:
+        layer = layers[i]
+        try:
+            params = list(inspect.signature(type(layer).__init__).parameters)
+            if len(params) < 3 or params[2] not in ("layer_idx", "layer_id", "layer_index"):
+                return done
+            with torch.device("meta"):
+                fresh = type(layer)(config, i)
+        except Exception:  # noqa: BLE001 - not built as cls(config, layer_idx): leave it
+            return done
+        want = dict(fresh.named_modules())
+        have = dict(layer.named_modules())
+        above = dict(layers[i + 1].named_modules()) if i + 1 < len(layers) else {}
+        for name, mod in want.items():
+            if not name or name not in have or type(have[name]) is type(mod):
+                continue
+            if name in above and type(above[name]) is type(mod):
+                repl = copy.deepcopy(above[name])
+            else:
+                p = next(layer.parameters())
+                repl = type(layer)(config, i).get_submodule(name).to(device=p.device, dtype=p.dtype)
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, repl)
+            done.append(f"{i}.{name}")
+            have = dict(layer.named_modules())
+    return done
+
+
+def _is_encoder(model: torch.nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return getattr(model.config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def encoder_spec(spec: DiscoveredSpec, model: torch.nn.Module, layers: torch.nn.ModuleList) -> EncoderSpec | None:
+    """``spec`` as an :class:`EncoderSpec` when ``model`` is an encoder (a masked-LM model type), its
+    blocks are post-LN with a known layout, or its layer 0 alone is built differently; ``None``
+    otherwise (the discovered spec is used as it is)."""
+    # some block is not the identity with everything zeroed (a norm after the residual add)
+    post_ln = bool(spec.facts) and any(f.writers is None for f in spec.facts.values())
+    lay = match_layout(layers[0]) if post_ln else None
+    sigs = spec.layer_signatures  # layer 0 built differently, the rest alike (ModernBERT, its decoder)
+    first_special = len(sigs) > 2 and sigs[0] != sigs[1] and len(set(sigs[1:])) == 1
+    if not (_is_encoder(model) or lay is not None or first_special):
+        return None
+    refused = None
+    if post_ln:
+        if lay is None:
+            refused = ("post-LN block (a LayerNorm after the residual add) of a layout hf_deepen does not know:"
+                       " see arch/encoder.py LAYOUTS")
+        else:
+            err = check_post_ln(layers, capture_calls(model, layers, spec.layer_config(model.config)), lay)
+            if err is None or err > POST_LN_TOL:
+                refused = (f"post-LN block: moving the output norm's affine into the new layer did not give the"
+                           f" identity on this model (relative error {err})")
+                lay = None
+    kw = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
+    kw["notes"] = (spec.notes + (f"; post-LN ({lay.name} layout): zero-init moves the output norm's affine up"
+                                 if lay else "")).strip("; ")
+    return EncoderSpec(**kw, post_ln=lay, post_ln_refused=refused)

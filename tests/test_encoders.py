@@ -1,0 +1,367 @@
+"""Encoders: BERT, RoBERTa, ELECTRA, DistilBERT (post-LN) and ModernBERT (pre-LN), 4 -> 6 layers.
+
+Every parameter is perturbed first (norm gains and biases included): with LayerNorms at their
+init (gain 1, bias 0) a post-LN block with zeroed writers is already close to the identity and the
+function-preservation checks would have no power.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+from hf_deepen import DepthUpscaler
+from hf_deepen.arch import encoder
+from hf_deepen.arch.encoder import EncoderSpec, post_ln_state
+from hf_deepen.errors import UnsupportedArchitectureError
+
+VOCAB = 99
+POST_LN = ("bert", "roberta", "electra", "distilbert")
+TYPES = POST_LN + ("modernbert",)
+METHODS = ("copy", "avg", "opt")
+
+
+def config(model_type: str, **kw):
+    if model_type == "distilbert":
+        base = dict(vocab_size=VOCAB, dim=32, n_layers=4, n_heads=4, hidden_dim=37, pad_token_id=0)
+    else:
+        base = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+                    pad_token_id=0)
+    if model_type == "modernbert":  # local window 4 < the test sequences: sliding vs global matters
+        base.update(global_attn_every_n_layers=2, local_attention=4, bos_token_id=1, eos_token_id=2,
+                    cls_token_id=1, sep_token_id=2)
+    base.update(kw)
+    return AutoConfig.for_model(model_type, **base)
+
+
+def perturb(model, seed: int = 0, scale: float = 0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def build(model_type: str, cls=AutoModelForMaskedLM, **kw):
+    torch.manual_seed(0)
+    return perturb(cls.from_config(config(model_type, **kw)))
+
+
+def ids(n: int = 11, batch: int = 2):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, VOCAB, (batch, n), generator=g)
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def layers_of(model):
+    from hf_deepen.arch import get_module
+
+    return get_module(model, DepthUpscaler(model).spec.layers_path)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model_type", TYPES)
+def test_function_preserving(model_type, method):
+    model = build(model_type)
+    x = ids()
+    ref = logits(model, x)
+    up = DepthUpscaler(model)
+    assert isinstance(up.spec, EncoderSpec)
+    out = up.upscale(method=method)
+    assert up.report.function_preserving
+    assert out.config.num_hidden_layers == 6 if model_type != "distilbert" else out.config.n_layers == 6
+    assert len(layers_of(out)) == 6
+    torch.testing.assert_close(logits(out, x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_solar_and_no_zero_init_run_but_do_not_preserve(model_type):
+    x = ids()
+    for kw in (dict(method="solar"), dict(method="copy", zero_init=False)):
+        model = build(model_type)
+        ref = logits(model, x)
+        up = DepthUpscaler(model)
+        out = up.upscale(**kw)
+        assert not up.report.function_preserving
+        assert len(layers_of(out)) == 6
+        assert (logits(out, x) - ref).abs().max() > 1e-4  # a real change, or the FP checks above prove nothing
+
+
+def test_naive_post_ln_construction_is_not_the_identity():
+    """The construction that keeps base layers as they are (writers zeroed, the new layer's norms copied
+    from the output norm of the layer below) is not the identity; moving that norm's affine up is."""
+    model = build("bert")
+    layers = layers_of(model)
+    calls = encoder.capture_calls(model, layers, model.config)
+    p = layers[1]
+    x = calls[2][0][0] if calls[2][0] else calls[2][1]["hidden_states"]  # the input of layer 2 = p's output
+    lay = encoder.match_layout(p)
+    state = {k: v.clone() for k, v in p.state_dict().items()}
+    naive = copy.deepcopy(p)
+    st = dict(state)
+    for k in lay.writers:
+        st[k] = torch.zeros_like(st[k])
+    for norm in (lay.attn_norm, lay.out_norm):
+        st[f"{norm}.weight"] = state[f"{lay.out_norm}.weight"]
+        st[f"{norm}.bias"] = state[f"{lay.out_norm}.bias"]
+    naive.load_state_dict(st)
+    y = encoder._run(naive, encoder._with_hidden(calls[2], x))
+    assert (y - x).abs().max() > 1e-2  # LN(g * n + b) != g * n + b
+
+    # the reparametrisation: p outputs n (plain norm), the new layer puts g_p, b_p back
+    new = copy.deepcopy(p)
+    new.load_state_dict(post_ln_state(state, state, lay))
+    plain_p = copy.deepcopy(p)
+    encoder.make_plain(plain_p, lay)
+    n = encoder._run(plain_p, calls[1])
+    assert (n - x).abs().max() > 1e-2  # the hidden state between the two does change
+    y = encoder._run(new, encoder._with_hidden(calls[2], n))
+    torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", POST_LN)
+def test_post_ln_norms_after_upscale(model_type):
+    model = build(model_type)
+    before = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in layers_of(model)]
+    up = DepthUpscaler(model)
+    lay = up.spec.post_ln
+    out = up.upscale(method="avg")
+    layers = layers_of(out)
+    new = out.config.hf_deepen["new_layer_indices"]
+    src = {i: s for i, s in enumerate(up.report.plan.layers)}
+    for i, layer in enumerate(layers):
+        st = layer.state_dict()
+        if i in new:
+            lower = before[src[i].sources[0]]
+            for k in lay.writers:
+                assert not st[k].any(), k
+            assert torch.equal(st[f"{lay.attn_norm}.weight"], torch.ones_like(st[f"{lay.attn_norm}.weight"]))
+            assert torch.equal(st[f"{lay.out_norm}.weight"], lower[f"{lay.out_norm}.weight"])
+            assert torch.equal(st[f"{lay.out_norm}.bias"], lower[f"{lay.out_norm}.bias"])
+        elif i + 1 in new:  # a base layer under a new one: only its output norm changed, to plain
+            orig = before[src[i].sources[0]]
+            assert set(k for k in st if not torch.equal(st[k], orig[k])) == {f"{lay.out_norm}.weight",
+                                                                             f"{lay.out_norm}.bias"}
+            assert torch.equal(st[f"{lay.out_norm}.weight"], torch.ones_like(st[f"{lay.out_norm}.weight"]))
+            assert not st[f"{lay.out_norm}.bias"].any()
+        else:
+            orig = before[src[i].sources[0]]
+            assert all(torch.equal(st[k], orig[k]) for k in st)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_save_reload_with_automodel(model_type, tmp_path):
+    model = build(model_type)
+    x = ids()
+    up = DepthUpscaler(model)
+    out = up.upscale(method="opt")
+    want = logits(out, x)
+    out.save_pretrained(tmp_path)
+    again, info = AutoModelForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    torch.testing.assert_close(logits(again.eval(), x), want, atol=0, rtol=0)
+    base, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not [k for k in info["missing_keys"] if not k.startswith("pooler.")], info  # (an MLM head has no pooler)
+    with torch.no_grad():
+        h = base.eval()(input_ids=x).last_hidden_state
+        h_ref = out.base_model(input_ids=x).last_hidden_state
+    torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
+    assert len(layers_of(base)) == 6
+
+
+def test_modernbert_layer_types_follow_their_layers(tmp_path):
+    """The global / local pattern is config.layer_types: each layer keeps its own attention kind (a new
+    layer takes its source's), which the reload must rebuild; a sequence longer than the local window
+    makes the two kinds compute differently."""
+    model = build("modernbert")
+    base_types = list(model.config.layer_types)
+    assert base_types == ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    x = ids(13)
+    ref = logits(model, x)
+    out = DepthUpscaler(model).upscale(method="avg", positions=[0, 1])
+    assert out.config.layer_types == [base_types[i] for i in (0, 0, 1, 1, 2, 3)]
+    for layer, kind in zip(out.model.layers, out.config.layer_types):
+        assert layer.attention_type == kind
+        assert (layer.attn.sliding_window is None) == (kind == "full_attention")
+    # layer 0 has no attention norm (Identity); the new layer 1 made from it must have one
+    assert isinstance(out.model.layers[0].attn_norm, torch.nn.Identity)
+    assert all(isinstance(layer.attn_norm, torch.nn.LayerNorm) for layer in out.model.layers[1:])
+    torch.testing.assert_close(logits(out, x), ref, atol=1e-5, rtol=1e-5)
+    out.save_pretrained(tmp_path)
+    again, info = AutoModelForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"], info
+    assert again.config.layer_types == out.config.layer_types
+    torch.testing.assert_close(logits(again.eval(), x), logits(out, x), atol=0, rtol=0)
+
+
+def test_unknown_post_ln_layout_refuses_zero_init(monkeypatch):
+    monkeypatch.setattr(encoder, "LAYOUTS", ())
+    model = build("bert")
+    up = DepthUpscaler(model)
+    assert up.spec.post_ln is None and up.spec.post_ln_refused
+    with pytest.raises(UnsupportedArchitectureError, match="zero_init=False"):
+        up.upscale(method="copy")
+    out = up.upscale(method="avg", zero_init=False)
+    assert not up.report.function_preserving and len(layers_of(out)) == 6
+
+
+def _train(model, tmp_path, labels):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(3, VOCAB, (8, 12), generator=g)
+    cols = {"input_ids": data.tolist(), "attention_mask": torch.ones_like(data).tolist()}
+    cols["labels"] = labels(data)
+    ds = Dataset.from_dict(cols)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = Trainer(model=model.train(), args=args, train_dataset=ds).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+
+def _mlm_labels(data):
+    lab = data.clone()
+    lab[:, ::2] = -100
+    return lab.tolist()
+
+
+@pytest.mark.parametrize("model_type", ["bert", "modernbert"])
+def test_trainer_masked_lm(model_type, tmp_path):
+    model = build(model_type)
+    up = DepthUpscaler(model)
+    out = up.upscale(method="opt")
+    new = out.config.hf_deepen["new_layer_indices"]
+    writers = up.spec.post_ln.writers if up.spec.post_ln else ()
+    changed = _train(out, tmp_path, _mlm_labels)
+    path = up.spec.layers_path
+    for i in new:  # the zeroed writers of every new layer get a gradient and move
+        names = [f"{path}.{i}.{w}" for w in writers] or [n for n in changed if n.startswith(f"{path}.{i}.")]
+        assert names and all(n in changed for n in names), (i, names)
+    out.save_pretrained(tmp_path / "saved")
+    AutoModelForMaskedLM.from_pretrained(tmp_path / "saved")
+
+
+def test_trainer_sequence_classification(tmp_path):
+    model = build("roberta", AutoModelForSequenceClassification, num_labels=3)
+    x = ids()
+    ref = logits(model, x)
+    up = DepthUpscaler(model)
+    out = up.upscale(method="avg")
+    assert up.report.function_preserving
+    torch.testing.assert_close(logits(out, x), ref, atol=1e-5, rtol=1e-5)
+    changed = _train(out, tmp_path, lambda d: (d[:, 0] % 3).tolist())
+    assert any(n.startswith("classifier.") for n in changed)
+    assert any(f".layer.{i}." in n for n in changed for i in out.config.hf_deepen["new_layer_indices"])
+
+
+def test_bert_with_cross_attention_is_not_given_the_two_norm_construction():
+    """A BERT decoder layer with cross-attention has a third norm between the two: the layout does not
+    match, and zero-init is refused rather than reported function preserving."""
+    model = build("bert", is_decoder=True, add_cross_attention=True)
+    assert encoder.match_layout(layers_of(model)[0]) is None
+    assert DepthUpscaler(model).spec.post_ln_refused
+    assert encoder.match_layout(layers_of(build("bert"))[0]) is not None
+
+
+def test_modernbert_decoder_first_layer_rebuilt(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = config("modernbert-decoder", local_attention=4)
+    torch.manual_seed(0)
+    model = perturb(AutoModelForCausalLM.from_config(cfg))
+    x = ids(13)
+    ref = logits(model, x)
+    out = DepthUpscaler(model).upscale(method="copy", positions=[0])
+    assert isinstance(out.model.layers[1].attn_norm, torch.nn.LayerNorm)
+    torch.testing.assert_close(logits(out, x), ref, atol=1e-5, rtol=1e-5)
+    out.save_pretrained(tmp_path)
+    again, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"], info
+    torch.testing.assert_close(logits(again.eval(), x), logits(out, x), atol=0, rtol=0)
+
+
+def test_bare_automodel_upscaled_twice():
+    """A bare ``AutoModel`` (no head), upscaled 4 -> 6 -> 9: the second stage's lower layers include
+    layers the first made (their output norm carries the moved affine)."""
+    torch.manual_seed(0)
+    model = perturb(AutoModel.from_config(config("bert")))
+    x = ids()
+    with torch.no_grad():
+        ref = model(input_ids=x).last_hidden_state
+    DepthUpscaler(model).upscale(method="opt")
+    DepthUpscaler(model).upscale(method="avg", positions=[0, 2, 4])
+    assert len(model.encoder.layer) == 9 and model.config.num_hidden_layers == 9
+    assert len(model.config.hf_deepen["stages"]) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).last_hidden_state, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_from_pretrained_with_a_model_class(tmp_path):
+    model = build("modernbert")
+    model.save_pretrained(tmp_path / "base")
+    x = ids(13)
+    ref = logits(model, x)
+    up = DepthUpscaler.from_pretrained(tmp_path / "base", model_class=AutoModelForMaskedLM)
+    out = up.upscale(method="opt")
+    assert type(out).__name__ == "ModernBertForMaskedLM"
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        up.save_pretrained(tmp_path / "deep")
+    again = AutoModelForMaskedLM.from_pretrained(tmp_path / "deep").eval()
+    torch.testing.assert_close(logits(again, x), ref, atol=1e-5, rtol=1e-5)
+    assert again.config.hf_deepen["stages"][0]["function_preserving"]
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-6])
+def test_post_ln_error_is_layernorm_eps_not_structure(eps):
+    """In float64 the only difference left is LayerNorm's eps (``normalise(n)`` is ``n`` up to a factor
+    ``1 + O(eps)``): it scales with eps, so the construction itself is exact."""
+    model = build("roberta", layer_norm_eps=eps).double()
+    x = ids()
+    ref = logits(model, x)
+    out = DepthUpscaler(model).upscale(method="avg")
+    err = float((logits(out, x) - ref).abs().max())
+    assert err < 20 * eps * float(ref.abs().max()), err
+    assert eps < 1e-9 or err > 1e-3 * eps  # (the eps effect is real: the bound is not vacuous)
+
+
+def test_post_ln_readers_see_the_stream_as_their_source_did():
+    """The folds: the new layer's query / key / value on ``n`` (what the plain lower layer now outputs)
+    equal its source's on ``x = g_p * n + b_p``, and its MLP input Linear on a plain-normed ``u`` equals
+    the source's on ``g1 * u + b1`` (with writers put back, the new layer is then its source's function
+    of the stream except for the residual path)."""
+    model = build("bert")
+    p = layers_of(model)[2]
+    lay = encoder.match_layout(p)
+    state = {k: v.clone() for k, v in p.state_dict().items()}
+    new = copy.deepcopy(p)
+    new.load_state_dict(post_ln_state(state, state, lay))
+    g = torch.Generator().manual_seed(3)
+    n = torch.randn(5, 32, generator=g)
+    x = n * state[f"{lay.out_norm}.weight"] + state[f"{lay.out_norm}.bias"]
+    with torch.no_grad():
+        for r in lay.input_readers:
+            torch.testing.assert_close(new.get_submodule(r)(n), p.get_submodule(r)(x), atol=1e-5, rtol=1e-5)
+        u = torch.randn(5, 32, generator=g)
+        h = u * state[f"{lay.attn_norm}.weight"] + state[f"{lay.attn_norm}.bias"]
+        for r in lay.mid_readers:
+            torch.testing.assert_close(new.get_submodule(r)(u), p.get_submodule(r)(h), atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_with_frozen_base_layers_moves_only_new_layers(tmp_path):
+    from hf_deepen.training import freeze_base_layers, new_layer_parameter_names
+
+    model = build("bert")
+    out = DepthUpscaler(model).upscale(method="copy")
+    freeze_base_layers(out, verbose=False)
+    changed = _train(out, tmp_path, _mlm_labels)
+    assert changed and changed <= new_layer_parameter_names(out)
