@@ -337,6 +337,8 @@ def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
             f" family describes its layer structure in config fields that depend on each other; hf_deepen updates"
             f" '{spec.count_field}' and per-layer lists only, so a reload would fail. Not supported for this family"
         )
+    if getattr(spec, "rebuilds_layers", False):  # after_surgery rebuilds each new layer to its index's modules
+        return
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
