@@ -1,4 +1,5 @@
-"""Encoders: BERT, RoBERTa, ELECTRA, DistilBERT (post-LN) and ModernBERT (pre-LN), 4 -> 6 layers.
+"""Encoders: BERT, RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2, MPNet (post-LN) and ModernBERT (pre-LN),
+4 -> 6 layers. (benchmarks/encoder_census.py sweeps every masked-LM type.)
 
 Every parameter is perturbed first (norm gains and biases included): with LayerNorms at their
 init (gain 1, bias 0) a post-LN block with zeroed writers is already close to the identity and the
@@ -21,6 +22,8 @@ from hf_deepen.errors import UnsupportedArchitectureError
 VOCAB = 99
 POST_LN = ("bert", "roberta", "electra", "distilbert")
 TYPES = POST_LN + ("modernbert",)
+#: post-LN with other names and attention (relative positions), found by the same probing
+MORE = ("deberta-v2", "mpnet")
 METHODS = ("copy", "avg", "opt")
 
 
@@ -67,7 +70,7 @@ def layers_of(model):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("model_type", TYPES + MORE)
 def test_function_preserving(model_type, method):
     model = build(model_type)
     x = ids()
@@ -102,7 +105,11 @@ def test_naive_post_ln_construction_is_not_the_identity():
     calls = encoder.capture_calls(model, layers, model.config)
     p = layers[1]
     x = calls[2][0][0] if calls[2][0] else calls[2][1]["hidden_states"]  # the input of layer 2 = p's output
-    lay = encoder.match_layout(p)
+    lay = DepthUpscaler(model).spec.post_ln
+    assert set(lay.writers) == {"attention.output.dense.weight", "attention.output.dense.bias",
+                                "output.dense.weight", "output.dense.bias"}
+    assert lay.input_readers == ("attention.self.query", "attention.self.key", "attention.self.value")
+    assert lay.mid_readers == ("intermediate.dense",)
     state = {k: v.clone() for k, v in p.state_dict().items()}
     naive = copy.deepcopy(p)
     st = dict(state)
@@ -156,7 +163,7 @@ def test_post_ln_norms_after_upscale(model_type):
             assert all(torch.equal(st[k], orig[k]) for k in st)
 
 
-@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("model_type", TYPES + MORE)
 def test_save_reload_with_automodel(model_type, tmp_path):
     model = build(model_type)
     x = ids()
@@ -202,7 +209,7 @@ def test_modernbert_layer_types_follow_their_layers(tmp_path):
 
 
 def test_unknown_post_ln_layout_refuses_zero_init(monkeypatch):
-    monkeypatch.setattr(encoder, "LAYOUTS", ())
+    monkeypatch.setattr(encoder, "find_post_ln", lambda block, call: (None, "(test: no structure)"))
     model = build("bert")
     up = DepthUpscaler(model)
     assert up.spec.post_ln is None and up.spec.post_ln_refused
@@ -268,9 +275,10 @@ def test_bert_with_cross_attention_is_not_given_the_two_norm_construction():
     """A BERT decoder layer with cross-attention has a third norm between the two: the layout does not
     match, and zero-init is refused rather than reported function preserving."""
     model = build("bert", is_decoder=True, add_cross_attention=True)
-    assert encoder.match_layout(layers_of(model)[0]) is None
-    assert DepthUpscaler(model).spec.post_ln_refused
-    assert encoder.match_layout(layers_of(build("bert"))[0]) is not None
+    spec = DepthUpscaler(model).spec
+    assert spec.post_ln is None and "two norms" in spec.post_ln_refused
+    with pytest.raises(UnsupportedArchitectureError, match="two norms"):
+        DepthUpscaler(model).upscale(method="copy")
 
 
 def test_modernbert_decoder_first_layer_rebuilt(tmp_path):
@@ -341,7 +349,7 @@ def test_post_ln_readers_see_the_stream_as_their_source_did():
     of the stream except for the residual path)."""
     model = build("bert")
     p = layers_of(model)[2]
-    lay = encoder.match_layout(p)
+    lay = DepthUpscaler(model).spec.post_ln
     state = {k: v.clone() for k, v in p.state_dict().items()}
     new = copy.deepcopy(p)
     new.load_state_dict(post_ln_state(state, state, lay))

@@ -35,9 +35,11 @@ on the tiny test models with perturbed norms: max logit difference 4-7e-6 in flo
 model itself when the spec is built (one block with perturbed weights, on its captured input):
 a layout whose check fails is not used, and zero-init on it is refused.
 
-Known post-LN layouts are listed by module name (:data:`LAYOUTS`), since what must move where
-cannot be read off a trace; a layout is used only when its modules exist and are LayerNorms and
-``Linear`` s, and the check passes.
+The structure is found by probing (:func:`find_post_ln`), not by names: the block must have exactly
+two norms on the hidden size (a third, such as a cross-attention's, would sit between them), the
+writers are the parameters whose zeroing leaves ``out_norm(attn_norm(x))`` (given back in call
+order, as for pre-LN blocks), and the readers are the ``Linear`` s whose input *is* the block input
+or the first norm's output. The whole construction is then checked (:func:`check_post_ln`).
 
 **A first layer built differently (ModernBERT).** ModernBERT's layer 0 has no attention norm
 (``nn.Identity``; the embeddings are normed): a new layer made from layer 0 and placed at index
@@ -68,51 +70,127 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class PostLN:
-    """Where a post-LN block keeps its writers, norms and the readers of its normed values."""
+    """What probing found in a post-LN block: its residual writers, its two norms, and the Linears
+    that read its input and the first norm's output (folded, so they see what their source saw)."""
 
-    name: str
-    attn_out: str  # the Linear writing attention into the residual sum
-    attn_norm: str  # the LayerNorm after ``x + attention``
-    ffn_out: str  # the Linear writing the MLP into the residual sum
-    out_norm: str  # the LayerNorm after ``h + mlp``: the block's output
-    input_readers: tuple[str, ...]  # Linears reading the block input (query, key, value)
-    mid_readers: tuple[str, ...]  # Linears reading ``attn_norm``'s output (the MLP's first)
+    writers: tuple[str, ...]  # parameters whose zeroing leaves ``out_norm(attn_norm(x))``
+    attn_norm: str  # the norm after ``x + attention`` (the first one the block calls)
+    out_norm: str  # the norm after ``h + mlp``: the block's output
+    input_readers: tuple[str, ...] = ()  # Linears reading the block input (query, key, value)
+    mid_readers: tuple[str, ...] = ()  # Linears reading ``attn_norm``'s output (the MLP's first)
 
     @property
-    def writers(self) -> tuple[str, ...]:
-        return tuple(f"{m}.{p}" for m in (self.attn_out, self.ffn_out) for p in ("weight", "bias"))
+    def name(self) -> str:
+        return f"{self.attn_norm} -> {self.out_norm}"
 
 
-LAYOUTS = (
-    PostLN("bert", "attention.output.dense", "attention.output.LayerNorm", "output.dense", "output.LayerNorm",
-           ("attention.self.query", "attention.self.key", "attention.self.value"), ("intermediate.dense",)),
-    PostLN("distilbert", "attention.out_lin", "sa_layer_norm", "ffn.lin2", "output_layer_norm",
-           ("attention.q_lin", "attention.k_lin", "attention.v_lin"), ("ffn.lin1",)),
-)
+def _is_norm(mod: torch.nn.Module, hidden: int) -> bool:
+    w = getattr(mod, "weight", None)
+    return (isinstance(mod, torch.nn.LayerNorm) or "Norm" in type(mod).__name__) and not list(mod.children()) \
+        and isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] == hidden
 
 
-def match_layout(layer: torch.nn.Module) -> PostLN | None:
-    """The first layout of :data:`LAYOUTS` whose modules ``layer`` has, with the right types."""
-    mods = dict(layer.named_modules())
-    norms = {n for n, m in mods.items() if isinstance(m, torch.nn.LayerNorm)}
-    for lay in LAYOUTS:
-        if norms != {lay.attn_norm, lay.out_norm}:
-            continue  # a third norm (BERT's cross-attention in a decoder) would sit between the two
-        lins = (lay.attn_out, lay.ffn_out) + lay.input_readers + lay.mid_readers
-        if not all(isinstance(mods.get(n), torch.nn.Linear) and mods[n].bias is not None for n in lins):
-            continue
-        if all(isinstance(mods.get(n), torch.nn.LayerNorm) and mods[n].weight is not None and mods[n].bias is not None
-               for n in (lay.attn_norm, lay.out_norm)):
-            return lay
-    return None
+def _close(y: Tensor | None, t: Tensor) -> bool:
+    if y is None or y.shape != t.shape:
+        return False
+    return bool((y.float() - t.float()).abs().max() <= 1e-6 * (1.0 + float(t.float().abs().max())))
 
 
-def _fold(state: dict[str, Tensor], readers: tuple[str, ...], gain: Tensor, bias: Tensor) -> None:
+def find_post_ln(block: torch.nn.Module, call: tuple) -> tuple[PostLN | None, str]:
+    """Probe one block (on a perturbed copy, with its captured ``call``) for the post-LN structure:
+    exactly two norms on the hidden size called, and a set of parameters (the residual writers) whose
+    zeroing makes the block ``out_norm(attn_norm(x))``; ``(None, why)`` if it is not such a block."""
+    from .discover import _units
+
+    args, kwargs = call
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(x, torch.Tensor):
+        return None, "the block's input could not be captured"
+    hidden = x.shape[-1]
+    blk = copy.deepcopy(block).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in blk.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g).to(p) * 0.05 * (float(p.abs().mean()) + 0.02))
+    names = {id(m): n for n, m in blk.named_modules()}
+    order: dict[str, int] = {}
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+
+    def pre(mod, a):
+        n = names[id(mod)]
+        order.setdefault(n, len(order))
+        if a and isinstance(a[0], torch.Tensor) and n not in inputs:
+            inputs[n] = a[0].detach().clone()
+
+    def post(mod, a, out):
+        if isinstance(out, torch.Tensor):
+            outputs.setdefault(names[id(mod)], out.detach().clone())
+
+    mods = dict(blk.named_modules())
+    hooks = [m.register_forward_pre_hook(pre) for m in mods.values()]
+    hooks += [m.register_forward_hook(post) for m in mods.values()]
+    try:
+        y = _run(blk, call)
+    finally:
+        for h in hooks:
+            h.remove()
+    if y is None:
+        return None, "the block could not be run on its captured input"
+    norms = [n for n in mods if n and _is_norm(mods[n], hidden)]
+    if len(norms) != 2 or not all(n in order for n in norms):
+        return None, (f"not a block with two norms around its residual adds ({len(norms)} norm(s) on the hidden"
+                      " size; a third, e.g. of a cross-attention, would sit between them when it runs)")
+    norms.sort(key=order.get)
+    na, nb = norms
+
+    def target() -> Tensor:
+        with torch.no_grad():
+            return mods[nb](mods[na](x))
+
+    params = dict(blk.named_parameters())
+    perturbed = {k: v.detach().clone() for k, v in params.items()}
+    groups = [(r, m, keys) for r, m, keys in _units(blk, order) if m not in (na, nb)]
+    with torch.no_grad():
+        for _, _, keys in groups:
+            for k in keys:
+                params[k].zero_()
+        if not _close(_run(blk, call), target()):
+            return None, (f"zeroing every parameter but the norms does not leave {nb}({na}(x)): something writes to"
+                          " the residual stream without a parameter to zero")
+        writers: list[str] = []
+        for _, _, keys in groups:  # give each group back, in the order the block runs them
+            for k in keys:
+                params[k].copy_(perturbed[k])
+            if not _close(_run(blk, call), target()):
+                for k in keys:
+                    params[k].zero_()
+                writers.extend(keys)
+    if not writers:
+        return None, "no residual writer found"
+
+    def readers(value: Tensor | None, norm: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        biased = getattr(mods[norm], "bias", None) is not None
+        out = []
+        for n, m in mods.items():
+            if isinstance(m, torch.nn.Linear) and n in inputs and inputs[n].shape == value.shape \
+                    and torch.equal(inputs[n], value) and f"{n}.weight" not in writers and (m.bias is not None or not biased):
+                out.append(n)
+        return tuple(sorted(out, key=order.get))
+
+    return PostLN(tuple(writers), na, nb, readers(x, nb), readers(outputs.get(na), na)), ""
+
+
+def _fold(state: dict[str, Tensor], readers: tuple[str, ...], gain: Tensor, bias: Tensor | None) -> None:
     """``W x`` for ``x = gain * u + bias`` as a function of ``u``: ``W diag(gain)``, ``b + W bias``."""
     for r in readers:
         w = state[f"{r}.weight"]
-        w64, g64, b64 = w.to(torch.float64), gain.to(torch.float64), bias.to(torch.float64)
-        state[f"{r}.bias"] = (state[f"{r}.bias"].to(torch.float64) + w64 @ b64).to(w.dtype)
+        w64, g64 = w.to(torch.float64), gain.to(torch.float64)
+        if bias is not None:
+            state[f"{r}.bias"] = (state[f"{r}.bias"].to(torch.float64) + w64 @ bias.to(torch.float64)).to(w.dtype)
         state[f"{r}.weight"] = (w64 * g64[None, :]).to(w.dtype)
 
 
@@ -121,16 +199,19 @@ def post_ln_state(new: Mapping[str, Tensor], lower: Mapping[str, Tensor], lay: P
     state of the base layer it goes after (``lower``, before its output norm is made plain)."""
     out = dict(new)
     g_p = lower[f"{lay.out_norm}.weight"].detach()
-    b_p = lower[f"{lay.out_norm}.bias"].detach()
+    b_p = lower.get(f"{lay.out_norm}.bias")
+    b_p = b_p.detach() if b_p is not None else None
     for k in lay.writers:
         out[k] = torch.zeros_like(out[k])
     _fold(out, lay.input_readers, g_p, b_p)
-    _fold(out, lay.mid_readers, out[f"{lay.attn_norm}.weight"], out[f"{lay.attn_norm}.bias"])
+    _fold(out, lay.mid_readers, out[f"{lay.attn_norm}.weight"], out.get(f"{lay.attn_norm}.bias"))
     w1 = out[f"{lay.attn_norm}.weight"]
     out[f"{lay.attn_norm}.weight"] = torch.ones_like(w1)
-    out[f"{lay.attn_norm}.bias"] = torch.zeros_like(out[f"{lay.attn_norm}.bias"])
+    if f"{lay.attn_norm}.bias" in out:
+        out[f"{lay.attn_norm}.bias"] = torch.zeros_like(out[f"{lay.attn_norm}.bias"])
     out[f"{lay.out_norm}.weight"] = g_p.to(w1.dtype).clone()
-    out[f"{lay.out_norm}.bias"] = b_p.to(w1.dtype).clone()
+    if b_p is not None:
+        out[f"{lay.out_norm}.bias"] = b_p.to(w1.dtype).clone()
     return out
 
 
@@ -139,7 +220,8 @@ def make_plain(layer: torch.nn.Module, lay: PostLN) -> None:
     norm = layer.get_submodule(lay.out_norm)
     with torch.no_grad():
         norm.weight.fill_(1.0)
-        norm.bias.zero_()
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.zero_()
 
 
 # ---- checking the construction on the model ---------------------------------------------------
@@ -298,23 +380,24 @@ def encoder_spec(spec: DiscoveredSpec, model: torch.nn.Module, layers: torch.nn.
     otherwise (the discovered spec is used as it is)."""
     # some block is not the identity with everything zeroed (a norm after the residual add)
     post_ln = bool(spec.facts) and any(f.writers is None for f in spec.facts.values())
-    lay = match_layout(layers[0]) if post_ln else None
     sigs = spec.layer_signatures  # layer 0 built differently, the rest alike (ModernBERT, its decoder)
     first_special = len(sigs) > 2 and sigs[0] != sigs[1] and len(set(sigs[1:])) == 1
+    lay, refused = None, None
+    if post_ln:
+        calls = capture_calls(model, layers, spec.layer_config(model.config))
+        i = 1 if 1 in calls else next(iter(calls), None)
+        lay, why = find_post_ln(layers[i], calls[i]) if i is not None else (None, "no block input captured")
+        if lay is not None:
+            err = check_post_ln(layers, calls, lay)
+            if err is None or err > POST_LN_TOL:
+                why = (f"moving the output norm's affine into the new layer did not give the identity on this"
+                       f" model (relative error {err})")
+                lay = None
+        if lay is None:
+            refused = f"the block is not the identity with its writers zeroed, and not a post-LN block hf_deepen can handle: {why}"
     if not (_is_encoder(model) or lay is not None or first_special):
         return None
-    refused = None
-    if post_ln:
-        if lay is None:
-            refused = ("post-LN block (a LayerNorm after the residual add) of a layout hf_deepen does not know:"
-                       " see arch/encoder.py LAYOUTS")
-        else:
-            err = check_post_ln(layers, capture_calls(model, layers, spec.layer_config(model.config)), lay)
-            if err is None or err > POST_LN_TOL:
-                refused = (f"post-LN block: moving the output norm's affine into the new layer did not give the"
-                           f" identity on this model (relative error {err})")
-                lay = None
     kw = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
-    kw["notes"] = (spec.notes + (f"; post-LN ({lay.name} layout): zero-init moves the output norm's affine up"
+    kw["notes"] = (spec.notes + (f"; post-LN ({lay.name}): zero-init moves the output norm's affine up"
                                  if lay else "")).strip("; ")
     return EncoderSpec(**kw, post_ln=lay, post_ln_refused=refused)
