@@ -373,3 +373,17 @@ def test_trainer_with_frozen_base_layers_moves_only_new_layers(tmp_path):
     freeze_base_layers(out, verbose=False)
     changed = _train(out, tmp_path, _mlm_labels)
     assert changed and changed <= new_layer_parameter_names(out)
+
+
+def test_bf16_post_ln_warns_and_stays_within_bf16_rounding():
+    from hf_deepen.arch import ArchitectureWarning
+
+    model = build("bert")
+    x = ids()
+    ref32 = logits(model, x)
+    model = model.to(torch.bfloat16)
+    ref = logits(model, x).float()
+    with pytest.warns(ArchitectureWarning, match="rounding"):
+        DepthUpscaler(model).upscale(method="avg")
+    gap = float((ref - ref32).abs().max())  # what bf16 itself costs this model
+    assert float((logits(model, x).float() - ref).abs().max()) <= 2 * gap

@@ -107,7 +107,9 @@ def find_post_ln(block: torch.nn.Module, call: tuple) -> tuple[PostLN | None, st
     if not isinstance(x, torch.Tensor):
         return None, "the block's input could not be captured"
     hidden = x.shape[-1]
-    blk = copy.deepcopy(block).eval()
+    blk = copy.deepcopy(block).float().eval()
+    call = _as_float(call)
+    x = kwargs.get("hidden_states", args[0] if args else None).float()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in blk.parameters():
@@ -232,6 +234,14 @@ def _with_hidden(call: tuple, x: Tensor) -> tuple:
     return (x, *args[1:]), kwargs
 
 
+def _as_float(call: tuple) -> tuple:
+    def f(v: Any) -> Any:
+        return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    args, kwargs = call
+    return tuple(f(a) for a in args), {k: f(v) for k, v in kwargs.items()}
+
+
 def _run(block: torch.nn.Module, call: tuple) -> Tensor | None:
     args, kwargs = call
     with torch.no_grad():
@@ -248,7 +258,9 @@ def check_post_ln(layers: torch.nn.ModuleList, calls: Mapping[int, tuple], lay: 
     i = 1 if 1 in calls else next(iter(calls), None)
     if i is None:
         return None
-    block = copy.deepcopy(layers[i]).eval()
+    # in float32: the construction is checked, not bf16 rounding (which it is exposed to like any layer)
+    block = copy.deepcopy(layers[i]).float().eval()
+    calls = {i: _as_float(calls[i])}
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in block.parameters():
@@ -331,6 +343,18 @@ class EncoderSpec(DiscoveredSpec):
         if self.post_ln is not None and self.pending.pop("post_ln", False):
             for i in new:  # in order: a run of new layers hands the affine up to the last one
                 make_plain(layers[i - 1], self.post_ln)
+            dtype = layers[new[0]].get_submodule(self.post_ln.out_norm).weight.dtype if new else torch.float32
+            if torch.finfo(dtype).bits < 32:
+                import warnings
+
+                from .spec import ArchitectureWarning
+
+                warnings.warn(
+                    f"{self.name}: post-LN new layers in {dtype}: the hidden state below each new layer is normalised"
+                    f" once more, after a {dtype} rounding, so outputs match the base model to {dtype} rounding, not bit"
+                    " for bit (upscale in float32 and cast afterwards for the float32 guarantee)",
+                    ArchitectureWarning, stacklevel=3,
+                )
 
 
 def rebuild_modules(layers: torch.nn.ModuleList, config: Any, new: list[int]) -> list[str]:
