@@ -329,7 +329,7 @@ def test_from_pretrained_with_a_model_class(tmp_path):
     assert again.config.hf_deepen["stages"][0]["function_preserving"]
 
 
-@pytest.mark.parametrize("eps", [1e-12, 1e-6])
+@pytest.mark.parametrize("eps", [1e-12, 1e-6, 1e-4])
 def test_post_ln_error_is_layernorm_eps_not_structure(eps):
     """In float64 the only difference left is LayerNorm's eps (``normalise(n)`` is ``n`` up to a factor
     ``1 + O(eps)``): it scales with eps, so the construction itself is exact."""
