@@ -334,9 +334,14 @@ class EncoderSpec(DiscoveredSpec):
 
     def make_layer(self, method: str, sources: list[Mapping[str, Tensor]], shape: Any, cfg: Any,
                    zero: Mapping[str, float] | None = None, dtype: torch.dtype = torch.float64, **context: Any):
+        lay = self.post_ln
+        # the lower neighbour's output norm, read first: a consuming caller (the pipeline) has the sources
+        # emptied role by role while they are fused
+        lower = {k: v.detach().clone() for k, v in sources[0].items()
+                 if lay is not None and k.startswith(f"{lay.out_norm}.")}
         res = super().make_layer(method, sources, shape, cfg, zero, dtype, **context)
-        if self.post_ln is not None and cfg.zero_init and method != "solar":
-            res.canon = post_ln_state(res.canon, sources[0], self.post_ln)
+        if lay is not None and cfg.zero_init and method != "solar":
+            res.canon = post_ln_state(res.canon, lower, lay)
             res.diagnostics["post_ln"] = (f"writers zeroed, {self.post_ln.out_norm} affine moved up from the layer below"
                                           " (its norm set to gain 1, bias 0): the identity up to LayerNorm eps")
             self.pending["post_ln"] = True
