@@ -328,7 +328,15 @@ class EncoderSpec(DiscoveredSpec):
         return super().zero_values(requested)
 
     def check_plan(self, plan: Any, config: Any) -> None:
-        super().check_plan(plan, config)
+        check = plan
+        sigs = self.layer_signatures
+        if _first_special(sigs):  # a new layer made from layer 0 gets its index's modules after surgery
+            from ..plan import LayerSource  # (rebuild_modules): check it as the layer-1 kind it becomes
+
+            check = dataclasses.replace(plan, layers=tuple(
+                LayerSource(s.kind, (1, *s.sources[1:]), s.method) if s.kind == "new" and s.sources[0] == 0 else s
+                for s in plan.layers))
+        super().check_plan(check, config)
         self.pending.clear()
         self.pending["plan"] = plan
 
@@ -404,6 +412,11 @@ def rebuild_modules(layers: torch.nn.ModuleList, config: Any, new: list[int]) ->
     return done
 
 
+def _first_special(sigs: tuple) -> bool:
+    """Layer 0 built differently, the rest alike (ModernBERT and its decoder: no attention norm at 0)."""
+    return len(sigs) > 2 and sigs[0] != sigs[1] and len(set(sigs[1:])) == 1
+
+
 def _is_encoder(model: torch.nn.Module) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -416,8 +429,7 @@ def encoder_spec(spec: DiscoveredSpec, model: torch.nn.Module, layers: torch.nn.
     otherwise (the discovered spec is used as it is)."""
     # some block is not the identity with everything zeroed (a norm after the residual add)
     post_ln = bool(spec.facts) and any(f.writers is None for f in spec.facts.values())
-    sigs = spec.layer_signatures  # layer 0 built differently, the rest alike (ModernBERT, its decoder)
-    first_special = len(sigs) > 2 and sigs[0] != sigs[1] and len(set(sigs[1:])) == 1
+    first_special = _first_special(spec.layer_signatures)
     lay, refused = None, None
     if post_ln:
         calls = capture_calls(model, layers, spec.layer_config(model.config))
