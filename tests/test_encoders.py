@@ -276,8 +276,8 @@ def test_bert_with_cross_attention_is_not_given_the_two_norm_construction():
     match, and zero-init is refused rather than reported function preserving."""
     model = build("bert", is_decoder=True, add_cross_attention=True)
     spec = DepthUpscaler(model).spec
-    assert spec.post_ln is None and "two norms" in spec.post_ln_refused
-    with pytest.raises(UnsupportedArchitectureError, match="two norms"):
+    assert spec.post_ln is None and "crossattention.output.LayerNorm" in spec.post_ln_refused
+    with pytest.raises(UnsupportedArchitectureError, match="not called here"):
         DepthUpscaler(model).upscale(method="copy")
 
 
@@ -387,3 +387,28 @@ def test_bf16_post_ln_warns_and_stays_within_bf16_rounding():
         DepthUpscaler(model).upscale(method="avg")
     gap = float((ref - ref32).abs().max())  # what bf16 itself costs this model
     assert float((logits(model, x).float() - ref).abs().max()) <= 2 * gap
+
+
+def test_three_norm_post_ln_block_with_cross_attention():
+    """A BART decoder layer (self-attention, cross-attention, MLP: three post-norms) run with encoder
+    states: all three norms are found in call order, the inner two made plain, and the construction
+    is the identity; the cross-attention's key / value read the encoder states and are not folded."""
+    from transformers import BartConfig
+    from transformers.models.bart.modeling_bart import BartDecoderLayer
+
+    cfg = BartConfig(d_model=32, decoder_attention_heads=4, decoder_ffn_dim=37, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([perturb(BartDecoderLayer(cfg, layer_idx=i)) for i in range(2)])
+    g = torch.Generator().manual_seed(5)
+    call = ((), {"hidden_states": torch.randn(2, 7, 32, generator=g),
+                 "encoder_hidden_states": torch.randn(2, 5, 32, generator=g)})
+    lay, why = encoder.find_post_ln(layers[1], call)
+    assert lay is not None, why
+    assert lay.norms == ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm")
+    assert set(lay.writers) == {f"{m}.{p}" for m in ("self_attn.out_proj", "encoder_attn.out_proj", "fc2")
+                                for p in ("weight", "bias")}
+    assert "encoder_attn.q_proj" in lay.mid_readers and "encoder_attn.k_proj" not in lay.mid_readers
+    assert encoder.check_post_ln(layers, {1: call}, lay) < 1e-5
+    # without the encoder states the cross-attention (and its norm) never runs: refused, not guessed
+    lay, why = encoder.find_post_ln(layers[1], ((), {"hidden_states": call[1]["hidden_states"]}))
+    assert lay is None and "encoder_attn_layer_norm" in why

@@ -71,18 +71,34 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class PostLN:
-    """What probing found in a post-LN block: its residual writers, its two norms, and the Linears
-    that read its input and the first norm's output (folded, so they see what their source saw)."""
+    """What probing found in a post-LN block: its residual writers, its norms in call order (two for
+    BERT; three for a BART decoder layer, whose cross-attention has its own), and for each stage the
+    Linears that read it (the block input, then each norm's output but the last), which are folded
+    so they see what their source saw."""
 
-    writers: tuple[str, ...]  # parameters whose zeroing leaves ``out_norm(attn_norm(x))``
-    attn_norm: str  # the norm after ``x + attention`` (the first one the block calls)
-    out_norm: str  # the norm after ``h + mlp``: the block's output
-    input_readers: tuple[str, ...] = ()  # Linears reading the block input (query, key, value)
-    mid_readers: tuple[str, ...] = ()  # Linears reading ``attn_norm``'s output (the MLP's first)
+    writers: tuple[str, ...]  # parameters whose zeroing leaves ``norms[-1](...norms[0](x))``
+    norms: tuple[str, ...]
+    readers: tuple[tuple[str, ...], ...] = ()  # readers[0]: of the block input; readers[j]: of norms[j-1]
+
+    @property
+    def attn_norm(self) -> str:
+        return self.norms[0]
+
+    @property
+    def out_norm(self) -> str:
+        return self.norms[-1]
+
+    @property
+    def input_readers(self) -> tuple[str, ...]:
+        return self.readers[0] if self.readers else ()
+
+    @property
+    def mid_readers(self) -> tuple[str, ...]:
+        return tuple(r for stage in self.readers[1:] for r in stage)
 
     @property
     def name(self) -> str:
-        return f"{self.attn_norm} -> {self.out_norm}"
+        return " -> ".join(self.norms)
 
 
 def _is_norm(mod: torch.nn.Module, hidden: int) -> bool:
@@ -142,26 +158,30 @@ def find_post_ln(block: torch.nn.Module, call: tuple) -> tuple[PostLN | None, st
     if y is None:
         return None, "the block could not be run on its captured input"
     norms = [n for n in mods if n and _is_norm(mods[n], hidden)]
-    if len(norms) != 2 or not all(n in order for n in norms):
-        return None, (f"not a block with two norms around its residual adds ({len(norms)} norm(s) on the hidden"
-                      " size; a third, e.g. of a cross-attention, would sit between them when it runs)")
+    idle = [n for n in norms if n not in order]
+    if len(norms) < 2 or idle:
+        return None, (f"not a block of norms after its residual adds that all run ({len(norms)} norm(s) on the hidden"
+                      f" size{', not called here: ' + ', '.join(idle) if idle else ''}; an idle one, e.g. of a"
+                      " cross-attention, would sit between the others when it runs)")
     norms.sort(key=order.get)
-    na, nb = norms
 
     def target() -> Tensor:
         with torch.no_grad():
-            return mods[nb](mods[na](x))
+            t = x
+            for n in norms:
+                t = mods[n](t)
+            return t
 
     params = dict(blk.named_parameters())
     perturbed = {k: v.detach().clone() for k, v in params.items()}
-    groups = [(r, m, keys) for r, m, keys in _units(blk, order) if m not in (na, nb)]
+    groups = [(r, m, keys) for r, m, keys in _units(blk, order) if m not in norms]
     with torch.no_grad():
         for _, _, keys in groups:
             for k in keys:
                 params[k].zero_()
         if not _close(_run(blk, call), target()):
-            return None, (f"zeroing every parameter but the norms does not leave {nb}({na}(x)): something writes to"
-                          " the residual stream without a parameter to zero")
+            return None, (f"zeroing every parameter but the norms does not leave {' o '.join(reversed(norms))}(x):"
+                          " something writes to the residual stream without a parameter to zero")
         writers: list[str] = []
         for _, _, keys in groups:  # give each group back, in the order the block runs them
             for k in keys:
@@ -184,7 +204,8 @@ def find_post_ln(block: torch.nn.Module, call: tuple) -> tuple[PostLN | None, st
                 out.append(n)
         return tuple(sorted(out, key=order.get))
 
-    return PostLN(tuple(writers), na, nb, readers(x, nb), readers(outputs.get(na), na)), ""
+    stages = (readers(x, norms[-1]),) + tuple(readers(outputs.get(n), n) for n in norms[:-1])
+    return PostLN(tuple(writers), tuple(norms), stages), ""
 
 
 def _fold(state: dict[str, Tensor], readers: tuple[str, ...], gain: Tensor, bias: Tensor | None) -> None:
@@ -207,14 +228,16 @@ def post_ln_state(new: Mapping[str, Tensor], lower: Mapping[str, Tensor], lay: P
     for k in lay.writers:
         out[k] = torch.zeros_like(out[k])
     _fold(out, lay.input_readers, g_p, b_p)
-    _fold(out, lay.mid_readers, out[f"{lay.attn_norm}.weight"], out.get(f"{lay.attn_norm}.bias"))
-    w1 = out[f"{lay.attn_norm}.weight"]
-    out[f"{lay.attn_norm}.weight"] = torch.ones_like(w1)
-    if f"{lay.attn_norm}.bias" in out:
-        out[f"{lay.attn_norm}.bias"] = torch.zeros_like(out[f"{lay.attn_norm}.bias"])
-    out[f"{lay.out_norm}.weight"] = g_p.to(w1.dtype).clone()
+    for j, norm in enumerate(lay.norms[:-1]):  # each inner norm made plain, its affine folded into its readers
+        w = out[f"{norm}.weight"]
+        _fold(out, lay.readers[j + 1] if j + 1 < len(lay.readers) else (), w, out.get(f"{norm}.bias"))
+        out[f"{norm}.weight"] = torch.ones_like(w)
+        if f"{norm}.bias" in out:
+            out[f"{norm}.bias"] = torch.zeros_like(out[f"{norm}.bias"])
+    dt = out[f"{lay.out_norm}.weight"].dtype
+    out[f"{lay.out_norm}.weight"] = g_p.to(dt).clone()
     if b_p is not None:
-        out[f"{lay.out_norm}.bias"] = b_p.to(w1.dtype).clone()
+        out[f"{lay.out_norm}.bias"] = b_p.to(dt).clone()
     return out
 
 
@@ -418,9 +441,15 @@ def _first_special(sigs: tuple) -> bool:
 
 
 def _is_encoder(model: torch.nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    """A masked-LM model type loaded as anything but its causal-LM class (``BertForMaskedLM``,
+    ``BertModel``, ``RobertaForSequenceClassification``; not ``BertLMHeadModel`` or ``BartForCausalLM``,
+    which are left to the decoder rules when no post-LN construction is found)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    return getattr(model.config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    mt = getattr(model.config, "model_type", None)
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt, ())
+    causal = (causal,) if isinstance(causal, str) else tuple(causal)
+    return mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES and type(model).__name__ not in causal
 
 
 def encoder_spec(spec: DiscoveredSpec, model: torch.nn.Module, layers: torch.nn.ModuleList) -> EncoderSpec | None:
