@@ -1,4 +1,4 @@
-"""Encoders (BERT, RoBERTa, ELECTRA, DistilBERT, ModernBERT): what a discovered spec needs on top.
+"""Encoders (BERT, RoBERTa, ELECTRA, DistilBERT, DeBERTa, ModernBERT, ...): what a discovered spec needs on top.
 
 Discovery (``arch/discover.py``) already finds an encoder's stack, its per-layer config lists and
 its OT units; two things are encoder-specific and live here.
@@ -36,11 +36,14 @@ hidden state *between* ``p`` and the new layer (``output_hidden_states``): ``n``
 model itself when the spec is built (one block with perturbed weights, on its captured input):
 a layout whose check fails is not used, and zero-init on it is refused.
 
-The structure is found by probing (:func:`find_post_ln`), not by names: the block must have exactly
-two norms on the hidden size (a third, such as a cross-attention's, would sit between them), the
-writers are the parameters whose zeroing leaves ``out_norm(attn_norm(x))`` (given back in call
-order, as for pre-LN blocks), and the readers are the ``Linear`` s whose input *is* the block input
-or the first norm's output. The whole construction is then checked (:func:`check_post_ln`).
+The structure is found by probing (:func:`find_post_ln`), not by names: the block's norms on the
+hidden size, all of which must run, in call order (two for BERT, three for a BART decoder layer
+with its cross-attention: inner norms are made plain and folded into their readers); the writers are
+the parameters whose zeroing leaves ``norm_k(...norm_1(x))`` (given back in call order, as for
+pre-LN blocks); the readers are the ``Linear`` s whose input *is* the block input or an inner norm's
+output. The whole construction is then checked in float32 (:func:`check_post_ln`). This applies to
+masked-LM model types not loaded as their causal-LM class (:func:`_is_encoder`), where a block that
+does not fit gets zero-init refused; a causal-LM class gets the construction when it fits.
 
 **A first layer built differently (ModernBERT).** ModernBERT's layer 0 has no attention norm
 (``nn.Identity``; the embeddings are normed): a new layer made from layer 0 and placed at index
