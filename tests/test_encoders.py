@@ -1,4 +1,5 @@
-"""Encoders: BERT, RoBERTa, ELECTRA, DistilBERT (post-LN) and ModernBERT (pre-LN), 4 -> 6 layers.
+"""Encoders: BERT, RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2, MPNet (post-LN) and ModernBERT (pre-LN),
+4 -> 6 layers. (benchmarks/encoder_census.py sweeps every masked-LM type.)
 
 Every parameter is perturbed first (norm gains and biases included): with LayerNorms at their
 init (gain 1, bias 0) a post-LN block with zeroed writers is already close to the identity and the
@@ -21,6 +22,8 @@ from hf_deepen.errors import UnsupportedArchitectureError
 VOCAB = 99
 POST_LN = ("bert", "roberta", "electra", "distilbert")
 TYPES = POST_LN + ("modernbert",)
+#: post-LN with other names and attention (relative positions), found by the same probing
+MORE = ("deberta-v2", "mpnet")
 METHODS = ("copy", "avg", "opt")
 
 
@@ -67,7 +70,7 @@ def layers_of(model):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("model_type", TYPES + MORE)
 def test_function_preserving(model_type, method):
     model = build(model_type)
     x = ids()
@@ -102,7 +105,11 @@ def test_naive_post_ln_construction_is_not_the_identity():
     calls = encoder.capture_calls(model, layers, model.config)
     p = layers[1]
     x = calls[2][0][0] if calls[2][0] else calls[2][1]["hidden_states"]  # the input of layer 2 = p's output
-    lay = encoder.match_layout(p)
+    lay = DepthUpscaler(model).spec.post_ln
+    assert set(lay.writers) == {"attention.output.dense.weight", "attention.output.dense.bias",
+                                "output.dense.weight", "output.dense.bias"}
+    assert lay.input_readers == ("attention.self.query", "attention.self.key", "attention.self.value")
+    assert lay.mid_readers == ("intermediate.dense",)
     state = {k: v.clone() for k, v in p.state_dict().items()}
     naive = copy.deepcopy(p)
     st = dict(state)
@@ -156,7 +163,7 @@ def test_post_ln_norms_after_upscale(model_type):
             assert all(torch.equal(st[k], orig[k]) for k in st)
 
 
-@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("model_type", TYPES + MORE)
 def test_save_reload_with_automodel(model_type, tmp_path):
     model = build(model_type)
     x = ids()
@@ -202,7 +209,7 @@ def test_modernbert_layer_types_follow_their_layers(tmp_path):
 
 
 def test_unknown_post_ln_layout_refuses_zero_init(monkeypatch):
-    monkeypatch.setattr(encoder, "LAYOUTS", ())
+    monkeypatch.setattr(encoder, "find_post_ln", lambda block, call: (None, "(test: no structure)"))
     model = build("bert")
     up = DepthUpscaler(model)
     assert up.spec.post_ln is None and up.spec.post_ln_refused
@@ -268,9 +275,10 @@ def test_bert_with_cross_attention_is_not_given_the_two_norm_construction():
     """A BERT decoder layer with cross-attention has a third norm between the two: the layout does not
     match, and zero-init is refused rather than reported function preserving."""
     model = build("bert", is_decoder=True, add_cross_attention=True)
-    assert encoder.match_layout(layers_of(model)[0]) is None
-    assert DepthUpscaler(model).spec.post_ln_refused
-    assert encoder.match_layout(layers_of(build("bert"))[0]) is not None
+    spec = DepthUpscaler(model).spec
+    assert spec.post_ln is None and "crossattention.output.LayerNorm" in spec.post_ln_refused
+    with pytest.raises(UnsupportedArchitectureError, match="not called here"):
+        DepthUpscaler(model).upscale(method="copy")
 
 
 def test_modernbert_decoder_first_layer_rebuilt(tmp_path):
@@ -321,7 +329,7 @@ def test_from_pretrained_with_a_model_class(tmp_path):
     assert again.config.hf_deepen["stages"][0]["function_preserving"]
 
 
-@pytest.mark.parametrize("eps", [1e-12, 1e-6])
+@pytest.mark.parametrize("eps", [1e-12, 1e-6, 1e-4])
 def test_post_ln_error_is_layernorm_eps_not_structure(eps):
     """In float64 the only difference left is LayerNorm's eps (``normalise(n)`` is ``n`` up to a factor
     ``1 + O(eps)``): it scales with eps, so the construction itself is exact."""
@@ -341,7 +349,7 @@ def test_post_ln_readers_see_the_stream_as_their_source_did():
     of the stream except for the residual path)."""
     model = build("bert")
     p = layers_of(model)[2]
-    lay = encoder.match_layout(p)
+    lay = DepthUpscaler(model).spec.post_ln
     state = {k: v.clone() for k, v in p.state_dict().items()}
     new = copy.deepcopy(p)
     new.load_state_dict(post_ln_state(state, state, lay))
@@ -365,3 +373,42 @@ def test_trainer_with_frozen_base_layers_moves_only_new_layers(tmp_path):
     freeze_base_layers(out, verbose=False)
     changed = _train(out, tmp_path, _mlm_labels)
     assert changed and changed <= new_layer_parameter_names(out)
+
+
+def test_bf16_post_ln_warns_and_stays_within_bf16_rounding():
+    from hf_deepen.arch import ArchitectureWarning
+
+    model = build("bert")
+    x = ids()
+    ref32 = logits(model, x)
+    model = model.to(torch.bfloat16)
+    ref = logits(model, x).float()
+    with pytest.warns(ArchitectureWarning, match="rounding"):
+        DepthUpscaler(model).upscale(method="avg")
+    gap = float((ref - ref32).abs().max())  # what bf16 itself costs this model
+    assert float((logits(model, x).float() - ref).abs().max()) <= 2 * gap
+
+
+def test_three_norm_post_ln_block_with_cross_attention():
+    """A BART decoder layer (self-attention, cross-attention, MLP: three post-norms) run with encoder
+    states: all three norms are found in call order, the inner two made plain, and the construction
+    is the identity; the cross-attention's key / value read the encoder states and are not folded."""
+    from transformers import BartConfig
+    from transformers.models.bart.modeling_bart import BartDecoderLayer
+
+    cfg = BartConfig(d_model=32, decoder_attention_heads=4, decoder_ffn_dim=37, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([perturb(BartDecoderLayer(cfg, layer_idx=i)) for i in range(2)])
+    g = torch.Generator().manual_seed(5)
+    call = ((), {"hidden_states": torch.randn(2, 7, 32, generator=g),
+                 "encoder_hidden_states": torch.randn(2, 5, 32, generator=g)})
+    lay, why = encoder.find_post_ln(layers[1], call)
+    assert lay is not None, why
+    assert lay.norms == ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm")
+    assert set(lay.writers) == {f"{m}.{p}" for m in ("self_attn.out_proj", "encoder_attn.out_proj", "fc2")
+                                for p in ("weight", "bias")}
+    assert "encoder_attn.q_proj" in lay.mid_readers and "encoder_attn.k_proj" not in lay.mid_readers
+    assert encoder.check_post_ln(layers, {1: call}, lay) < 1e-5
+    # without the encoder states the cross-attention (and its norm) never runs: refused, not guessed
+    lay, why = encoder.find_post_ln(layers[1], ((), {"hidden_states": call[1]["hidden_states"]}))
+    assert lay is None and "encoder_attn_layer_norm" in why

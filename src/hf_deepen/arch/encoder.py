@@ -1,4 +1,4 @@
-"""Encoders (BERT, RoBERTa, ELECTRA, DistilBERT, ModernBERT): what a discovered spec needs on top.
+"""Encoders (BERT, RoBERTa, ELECTRA, DistilBERT, DeBERTa, ModernBERT, ...): what a discovered spec needs on top.
 
 Discovery (``arch/discover.py``) already finds an encoder's stack, its per-layer config lists and
 its OT units; two things are encoder-specific and live here.
@@ -30,14 +30,20 @@ normalised, a relative error of about ``(eps / 2) * |1 / v - 1|`` (no constant g
 depends on ``v``). For BERT's ``eps = 1e-12`` that is far below float32 rounding; for
 ``eps = 1e-5`` (RoBERTa-base, XLM-R) it is of the order of float32 rounding of the logits. Measured
 on the tiny test models with perturbed norms: max logit difference 4-7e-6 in float32 (logits up to
-12), and 1.7e-12 / 1.7e-7 / 1.7e-5 in float64 for eps 1e-12 / 1e-7 / 1e-5. What changes is the hidden state *between* ``p`` and the new layer
-(``output_hidden_states``): ``n`` instead of ``g_p * n + b_p``. The construction is checked on the
+12), and 1.7e-12 / 1.7e-7 / 1.7e-5 in float64 for eps 1e-12 / 1e-7 / 1e-5. What changes is the
+hidden state *between* ``p`` and the new layer (``output_hidden_states``): ``n`` instead of
+``g_p * n + b_p``. The construction is checked on the
 model itself when the spec is built (one block with perturbed weights, on its captured input):
 a layout whose check fails is not used, and zero-init on it is refused.
 
-Known post-LN layouts are listed by module name (:data:`LAYOUTS`), since what must move where
-cannot be read off a trace; a layout is used only when its modules exist and are LayerNorms and
-``Linear`` s, and the check passes.
+The structure is found by probing (:func:`find_post_ln`), not by names: the block's norms on the
+hidden size, all of which must run, in call order (two for BERT, three for a BART decoder layer
+with its cross-attention: inner norms are made plain and folded into their readers); the writers are
+the parameters whose zeroing leaves ``norm_k(...norm_1(x))`` (given back in call order, as for
+pre-LN blocks); the readers are the ``Linear`` s whose input *is* the block input or an inner norm's
+output. The whole construction is then checked in float32 (:func:`check_post_ln`). This applies to
+masked-LM model types not loaded as their causal-LM class (:func:`_is_encoder`), where a block that
+does not fit gets zero-init refused; a causal-LM class gets the construction when it fits.
 
 **A first layer built differently (ModernBERT).** ModernBERT's layer 0 has no attention norm
 (``nn.Identity``; the embeddings are normed): a new layer made from layer 0 and placed at index
@@ -68,51 +74,152 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class PostLN:
-    """Where a post-LN block keeps its writers, norms and the readers of its normed values."""
+    """What probing found in a post-LN block: its residual writers, its norms in call order (two for
+    BERT; three for a BART decoder layer, whose cross-attention has its own), and for each stage the
+    Linears that read it (the block input, then each norm's output but the last), which are folded
+    so they see what their source saw."""
 
-    name: str
-    attn_out: str  # the Linear writing attention into the residual sum
-    attn_norm: str  # the LayerNorm after ``x + attention``
-    ffn_out: str  # the Linear writing the MLP into the residual sum
-    out_norm: str  # the LayerNorm after ``h + mlp``: the block's output
-    input_readers: tuple[str, ...]  # Linears reading the block input (query, key, value)
-    mid_readers: tuple[str, ...]  # Linears reading ``attn_norm``'s output (the MLP's first)
+    writers: tuple[str, ...]  # parameters whose zeroing leaves ``norms[-1](...norms[0](x))``
+    norms: tuple[str, ...]
+    readers: tuple[tuple[str, ...], ...] = ()  # readers[0]: of the block input; readers[j]: of norms[j-1]
 
     @property
-    def writers(self) -> tuple[str, ...]:
-        return tuple(f"{m}.{p}" for m in (self.attn_out, self.ffn_out) for p in ("weight", "bias"))
+    def attn_norm(self) -> str:
+        return self.norms[0]
+
+    @property
+    def out_norm(self) -> str:
+        return self.norms[-1]
+
+    @property
+    def input_readers(self) -> tuple[str, ...]:
+        return self.readers[0] if self.readers else ()
+
+    @property
+    def mid_readers(self) -> tuple[str, ...]:
+        return tuple(r for stage in self.readers[1:] for r in stage)
+
+    @property
+    def name(self) -> str:
+        return " -> ".join(self.norms)
 
 
-LAYOUTS = (
-    PostLN("bert", "attention.output.dense", "attention.output.LayerNorm", "output.dense", "output.LayerNorm",
-           ("attention.self.query", "attention.self.key", "attention.self.value"), ("intermediate.dense",)),
-    PostLN("distilbert", "attention.out_lin", "sa_layer_norm", "ffn.lin2", "output_layer_norm",
-           ("attention.q_lin", "attention.k_lin", "attention.v_lin"), ("ffn.lin1",)),
-)
+def _is_norm(mod: torch.nn.Module, hidden: int) -> bool:
+    w = getattr(mod, "weight", None)
+    return (isinstance(mod, torch.nn.LayerNorm) or "Norm" in type(mod).__name__) and not list(mod.children()) \
+        and isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] == hidden
 
 
-def match_layout(layer: torch.nn.Module) -> PostLN | None:
-    """The first layout of :data:`LAYOUTS` whose modules ``layer`` has, with the right types."""
-    mods = dict(layer.named_modules())
-    norms = {n for n, m in mods.items() if isinstance(m, torch.nn.LayerNorm)}
-    for lay in LAYOUTS:
-        if norms != {lay.attn_norm, lay.out_norm}:
-            continue  # a third norm (BERT's cross-attention in a decoder) would sit between the two
-        lins = (lay.attn_out, lay.ffn_out) + lay.input_readers + lay.mid_readers
-        if not all(isinstance(mods.get(n), torch.nn.Linear) and mods[n].bias is not None for n in lins):
-            continue
-        if all(isinstance(mods.get(n), torch.nn.LayerNorm) and mods[n].weight is not None and mods[n].bias is not None
-               for n in (lay.attn_norm, lay.out_norm)):
-            return lay
-    return None
+def _close(y: Tensor | None, t: Tensor) -> bool:
+    if y is None or y.shape != t.shape:
+        return False
+    return bool((y.float() - t.float()).abs().max() <= 1e-6 * (1.0 + float(t.float().abs().max())))
 
 
-def _fold(state: dict[str, Tensor], readers: tuple[str, ...], gain: Tensor, bias: Tensor) -> None:
+def find_post_ln(block: torch.nn.Module, call: tuple) -> tuple[PostLN | None, str]:
+    """Probe one block (on a perturbed copy, with its captured ``call``) for the post-LN structure:
+    exactly two norms on the hidden size called, and a set of parameters (the residual writers) whose
+    zeroing makes the block ``out_norm(attn_norm(x))``; ``(None, why)`` if it is not such a block."""
+    from .discover import _units
+
+    args, kwargs = call
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(x, torch.Tensor):
+        return None, "the block's input could not be captured"
+    hidden = x.shape[-1]
+    blk = copy.deepcopy(block).float().eval()
+    call = _as_float(call)
+    x = kwargs.get("hidden_states", args[0] if args else None).float()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in blk.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g).to(p) * 0.05 * (float(p.abs().mean()) + 0.02))
+    names = {id(m): n for n, m in blk.named_modules()}
+    order: dict[str, int] = {}
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+
+    def pre(mod, a):
+        n = names[id(mod)]
+        order.setdefault(n, len(order))
+        if a and isinstance(a[0], torch.Tensor) and n not in inputs:
+            inputs[n] = a[0].detach().clone()
+
+    def post(mod, a, out):
+        if isinstance(out, torch.Tensor):
+            outputs.setdefault(names[id(mod)], out.detach().clone())
+
+    mods = dict(blk.named_modules())
+    hooks = [m.register_forward_pre_hook(pre) for m in mods.values()]
+    hooks += [m.register_forward_hook(post) for m in mods.values()]
+    try:
+        y = _run(blk, call)
+    finally:
+        for h in hooks:
+            h.remove()
+    if y is None:
+        return None, "the block could not be run on its captured input"
+    norms = [n for n in mods if n and _is_norm(mods[n], hidden)]
+    idle = [n for n in norms if n not in order]
+    if len(norms) < 2 or idle:
+        return None, (f"not a block of norms after its residual adds that all run ({len(norms)} norm(s) on the hidden"
+                      f" size{', not called here: ' + ', '.join(idle) if idle else ''}; an idle one, e.g. of a"
+                      " cross-attention, would sit between the others when it runs)")
+    norms.sort(key=order.get)
+    if getattr(mods[norms[-1]], "bias", None) is None:
+        return None, f"the output norm {norms[-1]} has no bias (the affine moved up needs one)"
+
+    def target() -> Tensor:
+        with torch.no_grad():
+            t = x
+            for n in norms:
+                t = mods[n](t)
+            return t
+
+    params = dict(blk.named_parameters())
+    perturbed = {k: v.detach().clone() for k, v in params.items()}
+    groups = [(r, m, keys) for r, m, keys in _units(blk, order) if m not in norms]
+    with torch.no_grad():
+        for _, _, keys in groups:
+            for k in keys:
+                params[k].zero_()
+        if not _close(_run(blk, call), target()):
+            return None, (f"zeroing every parameter but the norms does not leave {' o '.join(reversed(norms))}(x):"
+                          " something writes to the residual stream without a parameter to zero")
+        writers: list[str] = []
+        for _, _, keys in groups:  # give each group back, in the order the block runs them
+            for k in keys:
+                params[k].copy_(perturbed[k])
+            if not _close(_run(blk, call), target()):
+                for k in keys:
+                    params[k].zero_()
+                writers.extend(keys)
+    if not writers:
+        return None, "no residual writer found"
+
+    def readers(value: Tensor | None, norm: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        biased = getattr(mods[norm], "bias", None) is not None
+        out = []
+        for n, m in mods.items():
+            if isinstance(m, torch.nn.Linear) and n in inputs and inputs[n].shape == value.shape \
+                    and torch.equal(inputs[n], value) and f"{n}.weight" not in writers and (m.bias is not None or not biased):
+                out.append(n)
+        return tuple(sorted(out, key=order.get))
+
+    stages = (readers(x, norms[-1]),) + tuple(readers(outputs.get(n), n) for n in norms[:-1])
+    return PostLN(tuple(writers), tuple(norms), stages), ""
+
+
+def _fold(state: dict[str, Tensor], readers: tuple[str, ...], gain: Tensor, bias: Tensor | None) -> None:
     """``W x`` for ``x = gain * u + bias`` as a function of ``u``: ``W diag(gain)``, ``b + W bias``."""
     for r in readers:
         w = state[f"{r}.weight"]
-        w64, g64, b64 = w.to(torch.float64), gain.to(torch.float64), bias.to(torch.float64)
-        state[f"{r}.bias"] = (state[f"{r}.bias"].to(torch.float64) + w64 @ b64).to(w.dtype)
+        w64, g64 = w.to(torch.float64), gain.to(torch.float64)
+        if bias is not None:
+            state[f"{r}.bias"] = (state[f"{r}.bias"].to(torch.float64) + w64 @ bias.to(torch.float64)).to(w.dtype)
         state[f"{r}.weight"] = (w64 * g64[None, :]).to(w.dtype)
 
 
@@ -121,16 +228,21 @@ def post_ln_state(new: Mapping[str, Tensor], lower: Mapping[str, Tensor], lay: P
     state of the base layer it goes after (``lower``, before its output norm is made plain)."""
     out = dict(new)
     g_p = lower[f"{lay.out_norm}.weight"].detach()
-    b_p = lower[f"{lay.out_norm}.bias"].detach()
+    b_p = lower.get(f"{lay.out_norm}.bias")
+    b_p = b_p.detach() if b_p is not None else None
     for k in lay.writers:
         out[k] = torch.zeros_like(out[k])
     _fold(out, lay.input_readers, g_p, b_p)
-    _fold(out, lay.mid_readers, out[f"{lay.attn_norm}.weight"], out[f"{lay.attn_norm}.bias"])
-    w1 = out[f"{lay.attn_norm}.weight"]
-    out[f"{lay.attn_norm}.weight"] = torch.ones_like(w1)
-    out[f"{lay.attn_norm}.bias"] = torch.zeros_like(out[f"{lay.attn_norm}.bias"])
-    out[f"{lay.out_norm}.weight"] = g_p.to(w1.dtype).clone()
-    out[f"{lay.out_norm}.bias"] = b_p.to(w1.dtype).clone()
+    for j, norm in enumerate(lay.norms[:-1]):  # each inner norm made plain, its affine folded into its readers
+        w = out[f"{norm}.weight"]
+        _fold(out, lay.readers[j + 1] if j + 1 < len(lay.readers) else (), w, out.get(f"{norm}.bias"))
+        out[f"{norm}.weight"] = torch.ones_like(w)
+        if f"{norm}.bias" in out:
+            out[f"{norm}.bias"] = torch.zeros_like(out[f"{norm}.bias"])
+    dt = out[f"{lay.out_norm}.weight"].dtype
+    out[f"{lay.out_norm}.weight"] = g_p.to(dt).clone()
+    if b_p is not None:
+        out[f"{lay.out_norm}.bias"] = b_p.to(dt).clone()
     return out
 
 
@@ -139,7 +251,8 @@ def make_plain(layer: torch.nn.Module, lay: PostLN) -> None:
     norm = layer.get_submodule(lay.out_norm)
     with torch.no_grad():
         norm.weight.fill_(1.0)
-        norm.bias.zero_()
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.zero_()
 
 
 # ---- checking the construction on the model ---------------------------------------------------
@@ -148,6 +261,14 @@ def _with_hidden(call: tuple, x: Tensor) -> tuple:
     if "hidden_states" in kwargs:
         return args, {**kwargs, "hidden_states": x}
     return (x, *args[1:]), kwargs
+
+
+def _as_float(call: tuple) -> tuple:
+    def f(v: Any) -> Any:
+        return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    args, kwargs = call
+    return tuple(f(a) for a in args), {k: f(v) for k, v in kwargs.items()}
 
 
 def _run(block: torch.nn.Module, call: tuple) -> Tensor | None:
@@ -166,7 +287,9 @@ def check_post_ln(layers: torch.nn.ModuleList, calls: Mapping[int, tuple], lay: 
     i = 1 if 1 in calls else next(iter(calls), None)
     if i is None:
         return None
-    block = copy.deepcopy(layers[i]).eval()
+    # in float32: the construction is checked, not bf16 rounding (which it is exposed to like any layer)
+    block = copy.deepcopy(layers[i]).float().eval()
+    calls = {i: _as_float(calls[i])}
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in block.parameters():
@@ -186,8 +309,14 @@ def check_post_ln(layers: torch.nn.ModuleList, calls: Mapping[int, tuple], lay: 
     return float((y.float() - y_ref.float()).abs().max()) / (1.0 + float(y_ref.float().abs().max()))
 
 
-#: relative tolerance of :func:`check_post_ln` (float32 rounding of three LayerNorms)
+#: relative tolerance of :func:`check_post_ln`: float32 rounding of three norms, plus ``10 * eps`` of the norm
 POST_LN_TOL = 1e-5
+
+
+def _norm_eps(layer: torch.nn.Module, lay: PostLN) -> float:
+    norm = layer.get_submodule(lay.out_norm)
+    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 0.0
+    return float(eps) if isinstance(eps, (int, float)) else 0.0
 
 
 # ---- the spec -----------------------------------------------------------------------------------
@@ -257,6 +386,18 @@ class EncoderSpec(DiscoveredSpec):
         if self.post_ln is not None and self.pending.pop("post_ln", False):
             for i in new:  # in order: a run of new layers hands the affine up to the last one
                 make_plain(layers[i - 1], self.post_ln)
+            dtype = layers[new[0]].get_submodule(self.post_ln.out_norm).weight.dtype if new else torch.float32
+            if torch.finfo(dtype).bits < 32:
+                import warnings
+
+                from .spec import ArchitectureWarning
+
+                warnings.warn(
+                    f"{self.name}: post-LN new layers in {dtype}: the hidden state below each new layer is normalised"
+                    f" once more, after a {dtype} rounding, so outputs match the base model to {dtype} rounding, not bit"
+                    " for bit (upscale in float32 and cast afterwards for the float32 guarantee)",
+                    ArchitectureWarning, stacklevel=3,
+                )
 
 
 def rebuild_modules(layers: torch.nn.ModuleList, config: Any, new: list[int]) -> list[str]:
@@ -294,10 +435,21 @@ def rebuild_modules(layers: torch.nn.ModuleList, config: Any, new: list[int]) ->
     return done
 
 
-def _is_encoder(model: torch.nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+def _first_special(sigs: tuple) -> bool:
+    """Layer 0 built differently, the rest alike (ModernBERT and its decoder: no attention norm at 0)."""
+    return len(sigs) > 2 and sigs[0] != sigs[1] and len(set(sigs[1:])) == 1
 
-    return getattr(model.config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+def _is_encoder(model: torch.nn.Module) -> bool:
+    """A masked-LM model type loaded as anything but its causal-LM class (``BertForMaskedLM``,
+    ``BertModel``, ``RobertaForSequenceClassification``; not ``BertLMHeadModel`` or ``BartForCausalLM``,
+    which are left to the decoder rules when no post-LN construction is found)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    mt = getattr(model.config, "model_type", None)
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt, ())
+    causal = (causal,) if isinstance(causal, str) else tuple(causal)
+    return mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES and type(model).__name__ not in causal
 
 
 def encoder_spec(spec: DiscoveredSpec, model: torch.nn.Module, layers: torch.nn.ModuleList) -> EncoderSpec | None:
@@ -306,23 +458,23 @@ def encoder_spec(spec: DiscoveredSpec, model: torch.nn.Module, layers: torch.nn.
     otherwise (the discovered spec is used as it is)."""
     # some block is not the identity with everything zeroed (a norm after the residual add)
     post_ln = bool(spec.facts) and any(f.writers is None for f in spec.facts.values())
-    lay = match_layout(layers[0]) if post_ln else None
-    sigs = spec.layer_signatures  # layer 0 built differently, the rest alike (ModernBERT, its decoder)
-    first_special = len(sigs) > 2 and sigs[0] != sigs[1] and len(set(sigs[1:])) == 1
+    first_special = _first_special(spec.layer_signatures)
+    lay, refused = None, None
+    if post_ln:
+        calls = capture_calls(model, layers, spec.layer_config(model.config))
+        i = 1 if 1 in calls else next(iter(calls), None)
+        lay, why = find_post_ln(layers[i], calls[i]) if i is not None else (None, "no block input captured")
+        if lay is not None:
+            err = check_post_ln(layers, calls, lay)
+            if err is None or err > POST_LN_TOL + 10 * _norm_eps(layers[i], lay):
+                why = (f"moving the output norm's affine into the new layer did not give the identity on this"
+                       f" model (relative error {err})")
+                lay = None
+        if lay is None:
+            refused = f"the block is not the identity with its writers zeroed, and not a post-LN block hf_deepen can handle: {why}"
     if not (_is_encoder(model) or lay is not None or first_special):
         return None
-    refused = None
-    if post_ln:
-        if lay is None:
-            refused = ("post-LN block (a LayerNorm after the residual add) of a layout hf_deepen does not know:"
-                       " see arch/encoder.py LAYOUTS")
-        else:
-            err = check_post_ln(layers, capture_calls(model, layers, spec.layer_config(model.config)), lay)
-            if err is None or err > POST_LN_TOL:
-                refused = (f"post-LN block: moving the output norm's affine into the new layer did not give the"
-                           f" identity on this model (relative error {err})")
-                lay = None
     kw = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
-    kw["notes"] = (spec.notes + (f"; post-LN ({lay.name} layout): zero-init moves the output norm's affine up"
+    kw["notes"] = (spec.notes + (f"; post-LN ({lay.name}): zero-init moves the output norm's affine up"
                                  if lay else "")).strip("; ")
     return EncoderSpec(**kw, post_ln=lay, post_ln_refused=refused)
