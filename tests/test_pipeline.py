@@ -28,12 +28,15 @@ def test_read_ahead_is_ordered_and_bounded(depth):
     taken = [0]
     most = [0]
 
+    events = []
+
     def read(j):
         most[0] = max(most[0], len(done) - taken[0] + 1)  # layers read but not yet asked for, with this one
         done.append(j)
+        events.append(("read", j))
         return {"w": torch.full((2,), float(j))}
 
-    with ReadAhead(read, order, depth) as ra:
+    with ReadAhead(read, order, depth, prefetch=lambda j: events.append(("hint", j))) as ra:
         got = []
         for j in order:
             time.sleep(0.02)  # give the reader time to run ahead as far as it may
@@ -42,6 +45,11 @@ def test_read_ahead_is_ordered_and_bounded(depth):
     assert got == order and done == order
     assert most[0] <= max(depth, 1)
     assert not _threads()
+    if depth == 0:  # every read after the first was hinted (its I/O started) while the one before was in use
+        hints = [e for e in events if e[0] == "hint"]
+        assert [j for _, j in hints] == order[1:]
+        for p in range(1, len(order)):
+            assert events.index(("hint", order[p])) < [i for i, e in enumerate(events) if e[0] == "read"][p]
 
 
 def test_read_ahead_raises_the_readers_error_in_order_and_stops():

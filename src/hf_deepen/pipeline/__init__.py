@@ -2,7 +2,8 @@
 
     resolve()                      every option decided once -> ResolvedRun (frozen; every stage reads it)
     source.read(j)                 base layer j's tensors: ModelStateSource (a loaded model) or
-                                   SafetensorsSource (a checkpoint, read lazily, one layer ahead)
+                                   SafetensorsSource (a checkpoint, read lazily; the next pair's
+                                   I/O runs while the current pair aligns)
     align_fuse(run, s, tensors)    a new layer's tensors (OT alignment + fusion: hf_deepen.fuse)
     sink.base(i, j) / sink.new()   SurgerySink (into the loaded model) or ShardWriterSink (sharded
                                    safetensors, written by a background thread)
@@ -160,8 +161,9 @@ def execute(run: ResolvedRun, source: TensorSource, sink: Sink, report: UpscaleR
             progress: bool | None = None) -> UpscaleReport:
     """Drive ``run`` from ``source`` to ``sink``, layer by layer of the deeper model.
 
-    Source layers are read ``source.read_ahead`` layers ahead on a background thread; the sink may
-    write in the background too. ``report.timings`` gets ``read`` / ``write`` (the threads' own
+    The next pair's I/O is started while the current pair aligns (``source.prefetch``), and source
+    layers are read ``source.read_ahead`` layers ahead on a background thread; the sink may write in
+    the background too. ``report.timings`` gets ``read`` / ``write`` (the threads' own
     seconds), ``read_wait`` / ``write_wait`` (what the pipeline waited for them), ``align+fuse`` with
     its ``cost`` / ``assign`` / ``fuse`` parts, and ``build`` (the whole loop).
     """
@@ -174,7 +176,7 @@ def execute(run: ResolvedRun, source: TensorSource, sink: Sink, report: UpscaleR
     plan = run.plan
     order = [j for s in plan.layers if s.kind == "new" for j in s.sources]
     t0 = time.perf_counter()
-    with ReadAhead(read_stage(run, source), order, depth=source.read_ahead) as reads:
+    with ReadAhead(read_stage(run, source), order, depth=source.read_ahead, prefetch=source.prefetch) as reads:
         bar = tqdm(total=plan.num_layers, desc=f"hf_deepen {run.cfg.method}", unit="layer", disable=not show(progress))
         try:
             for i, s in enumerate(plan.layers):
