@@ -460,6 +460,9 @@ def summarize(rows: list[dict]) -> dict:
         st = [r[m]["status"] for r in built if m in r]
         s[m] = {k: st.count(k) for k in ("fp", "ok", "refused", "crash")}
         s[m]["upscaled"] = s[m]["fp"] + s[m]["ok"]
+        if m != "solar":  # ok (not fp) with the library's reason, against ok with none
+            s[m]["ok_unexplained"] = sum(1 for r in built if m in r and r[m]["status"] == "ok"
+                                         and "unexplained" in r[m].get("why", "unexplained"))
     return s
 
 
@@ -491,6 +494,12 @@ def write_doc(rows: list[dict], summary: dict, meta: dict) -> None:
     lines.append(f"Totals: {summary['built']} of {summary['types']} types build; " + "; ".join(
         f"{m}: {summary[m]['upscaled']} upscale ({summary[m]['fp']} fp), {summary[m]['refused']} refused,"
         f" {summary[m]['crash']} crash" for m in METHODS) + ".")
+    lines.append("")
+    lines.append("An `ok` for copy / avg / opt says why the logits changed (reason column: `not fp: ...`): a block"
+                 " that no zero-init makes the identity (post-LN, a scaled or normed residual), or per-layer"
+                 " constants computed from the layer index or count (DiffLlama's `lambda_init`, MiniCPM's residual"
+                 " scale). Unexplained: " + ", ".join(f"{m} {summary[m].get('ok_unexplained', '?')}"
+                                                    for m in METHODS if m != "solar") + ".")
     lines += ["", "| `model_type` | spec | copy | avg | opt | solar | reason (first refusal or crash) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "built":

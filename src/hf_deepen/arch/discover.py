@@ -195,6 +195,10 @@ class DiscoveredSpec(ArchSpec):
         for name in self.extra.get("also_count", ()):  # BART-style causal LM: the cache counts num_hidden_layers
             setattr(config, name, len(sources))
         owned = []
+        for name in self.extra.get("pattern_lists", ()):  # a repeating pattern (RecurrentGemma's block_types)
+            old = list(getattr(config, name))
+            setattr(config, name, [old[s % len(old)] for s in sources])  # written out in full for the new stack
+            owned.append(name)
         for name in self.index_lists:
             old = getattr(config, name, None)
             if isinstance(old, (list, tuple)):
@@ -340,9 +344,12 @@ def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
+            before = get_module(cls(copy.deepcopy(config)), spec.layers_path)
             fresh = get_module(cls(new), spec.layers_path)
     except Exception:  # noqa: BLE001 - the model cannot be built on meta: nothing to compare against
         return
+    if tuple(signature(b.state_dict()) for b in before) != tuple(spec.layer_signatures):
+        return  # the model in memory is not what its config builds (adapters, quantized): nothing to compare
     for i, src in enumerate(plan.layers):
         want = spec.layer_signatures[src.sources[0]]
         got = signature(fresh[i].state_dict()) if i < len(fresh) else None
@@ -491,6 +498,22 @@ def _layer_lists(config: Any, n: int) -> tuple[tuple[str, ...], tuple[str, ...]]
     return tuple(sorted(per)), tuple(sorted(idx))
 
 
+def _pattern_lists(config: Any, layers: torch.nn.ModuleList, per: tuple[str, ...]) -> tuple[str, ...]:
+    """Lists of layer kinds shorter than the stack, repeated along it (RecurrentGemma's ``block_types``):
+    those whose repetition tells the blocks apart exactly as their tensors do."""
+    n = len(layers)
+    sigs = [signature(layer.state_dict()) for layer in layers]
+    out = []
+    for k, v in vars(config).items():
+        if (k.startswith("_") or k in per or k in _NOT_PER_LAYER or not isinstance(v, (list, tuple))
+                or not 1 < len(v) < n or not all(isinstance(x, str) for x in v) or len(set(v)) < 2):
+            continue
+        ext = [v[i % len(v)] for i in range(n)]
+        if len(set(ext)) > 1 and all((ext[i] == ext[j]) == (sigs[i] == sigs[j]) for i in range(n) for j in range(n)):
+            out.append(k)
+    return tuple(out)
+
+
 def _index_attrs(layers: torch.nn.ModuleList) -> tuple[str, ...]:
     found = {"layer_idx"}
     if len(layers) < 2:
@@ -549,6 +572,7 @@ def discover_spec(model: torch.nn.Module, why: Exception | None = None) -> ArchS
     if count == "decoder_layers" and getattr(lc, "num_hidden_layers", None) == len(layers) \
             and not any(n.rpartition(".")[2] == "encoder" for n, _ in model.named_modules()):
         extra["also_count"] = ("num_hidden_layers",)  # its encoder_layers: no encoder here, the cache reads it
+    extra["pattern_lists"] = _pattern_lists(lc, layers, per)
     facts, sigs = probe(model, layers, lc)
     return DiscoveredSpec(
         name=f"discovered:{mt}", model_types=(str(mt),), tensors={}, residual=("*",), layers_path=path,
@@ -776,6 +800,25 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
                 for block in (-2, 2):
                     entries = [e for nm in fused for e in wb(nm, 0, block)] + [e for nm in cons for e in wb(nm, 1, 1)]
                     out.append(UnitGroup(f"{pre}neurons", n, tuple(entries)))
+        # selective-scan channels (a Mamba-1 mixer: A_log is channels x state): every tensor of the mixer with a
+        # channel axis (in_proj's [x; z] rows as two chunks, the depthwise conv, x_proj / out_proj columns, ...)
+        a_log = state.get(f"{pre}A_log")
+        if a_log is not None and a_log.dim() == 2 and f"{pre}D" in state:
+            d, ents, ok = a_log.shape[0], [], True
+            for k, t in state.items():
+                if not k.startswith(pre) or not t.is_floating_point():
+                    continue
+                if t.dim() > 1 and t.shape[0] in (d, 2 * d) and t.shape[1] == d:  # two channel axes: ambiguous
+                    ok = False
+                    break
+                if t.shape[0] == d:
+                    ents.append((k, 0, 1))
+                elif t.shape[0] == 2 * d:
+                    ents.append((k, 0, -2))
+                elif t.dim() == 2 and t.shape[1] == d:
+                    ents.append((k, 1, 1))
+            if ok and len(ents) > 3:
+                out.append(UnitGroup(f"{pre}channels", d, tuple(ents)))
         # KV-head groups: q (rows of g heads), k / v (rows of one head), o (columns of g heads)
         if heads and kv and hd and isinstance(kv, int) and kv > 1 and heads % kv == 0:
             hq, hkv, g = heads * hd, kv * hd, heads // kv
