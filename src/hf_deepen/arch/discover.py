@@ -344,10 +344,21 @@ def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            before = get_module(cls(copy.deepcopy(config)), spec.layers_path)
-            fresh = get_module(cls(new), spec.layers_path)
+            whole_before, whole_fresh = cls(copy.deepcopy(config)), cls(new)
+            before, fresh = get_module(whole_before, spec.layers_path), get_module(whole_fresh, spec.layers_path)
     except Exception:  # noqa: BLE001 - the model cannot be built on meta: nothing to compare against
         return
+    inside = spec.layers_path + "."
+    after = whole_fresh.state_dict()
+    outer = [(k, tuple(v.shape), tuple(after[k].shape)) for k, v in whole_before.state_dict().items()
+             if not k.startswith(inside) and k in after and after[k].shape != v.shape]
+    if outer:
+        k, a, b = outer[0]
+        raise UnsupportedArchitectureError(
+            f"{spec.name}: tensors outside the decoder stack are sized by the layer count ({k}: {list(a)} for"
+            f" {plan.base_num_layers} layers, {list(b)} for {plan.num_layers}; per-layer input embeddings);"
+            " hf_deepen inserts blocks only, so the model would not run. Not supported for this family"
+        )
     if tuple(signature(b.state_dict()) for b in before) != tuple(spec.layer_signatures):
         return  # the model in memory is not what its config builds (adapters, quantized): nothing to compare
     for i, src in enumerate(plan.layers):
