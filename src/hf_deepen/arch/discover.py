@@ -195,6 +195,13 @@ class DiscoveredSpec(ArchSpec):
         for name in self.extra.get("also_count", ()):  # BART-style causal LM: the cache counts num_hidden_layers
             setattr(config, name, len(sources))
         owned = []
+        for name in self.extra.get("prefix_counts", ()):  # the first k layers of one kind (LFM2-MoE's num_dense_layers)
+            first = set(self.layer_signatures[: getattr(config, name)])
+            kinds = [self.layer_signatures[s] in first for s in sources]
+            k = kinds.index(False) if False in kinds else len(kinds)
+            if not any(kinds[k:]):  # otherwise left as is: the rebuild check refuses the plan
+                setattr(config, name, k)
+                owned.append(name)
         for name in self.extra.get("pattern_lists", ()):  # a repeating pattern (RecurrentGemma's block_types)
             old = list(getattr(config, name))
             setattr(config, name, [old[s % len(old)] for s in sources])  # written out in full for the new stack
@@ -369,7 +376,7 @@ def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
             raise UnsupportedArchitectureError(
                 f"{spec.name}: position {i} of the upscaled stack takes a block like layer {src.sources[0]},"
                 f" but a model built from the updated config has a different block there ({kind}): the family derives layer kinds from the layer index"
-                " (a period / offset in the config), not from a per-layer list, so the saved model would not reload"
+                " (a period / offset or a count of leading layers in the config), not from a per-layer list, so the saved model would not reload"
                 " as upscaled. Not supported for this family (choose num_layers / positions that keep the pattern)"
             )
 
@@ -525,6 +532,21 @@ def _pattern_lists(config: Any, layers: torch.nn.ModuleList, per: tuple[str, ...
     return tuple(out)
 
 
+def _prefix_counts(config: Any, layers: torch.nn.ModuleList, count: str) -> tuple[str, ...]:
+    """Int fields that count leading layers of one kind (``num_dense_layers``): the blocks before that
+    index share no tensor layout with the blocks after it."""
+    n = len(layers)
+    sigs = [signature(layer.state_dict()) for layer in layers]
+    out = []
+    for k, v in vars(config).items():
+        if (k.startswith("_") or k == count or type(v) is not int or not 0 < v < n
+                or not any(t in k for t in ("layer", "dense", "first", "replace"))):
+            continue
+        if not set(sigs[:v]) & set(sigs[v:]):
+            out.append(k)
+    return tuple(out)
+
+
 def _index_attrs(layers: torch.nn.ModuleList) -> tuple[str, ...]:
     found = {"layer_idx"}
     if len(layers) < 2:
@@ -584,6 +606,7 @@ def discover_spec(model: torch.nn.Module, why: Exception | None = None) -> ArchS
             and not any(n.rpartition(".")[2] == "encoder" for n, _ in model.named_modules()):
         extra["also_count"] = ("num_hidden_layers",)  # its encoder_layers: no encoder here, the cache reads it
     extra["pattern_lists"] = _pattern_lists(lc, layers, per)
+    extra["prefix_counts"] = _prefix_counts(lc, layers, count)
     facts, sigs = probe(model, layers, lc)
     return DiscoveredSpec(
         name=f"discovered:{mt}", model_types=(str(mt),), tensors={}, residual=("*",), layers_path=path,
