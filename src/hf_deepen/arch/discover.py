@@ -192,6 +192,9 @@ class DiscoveredSpec(ArchSpec):
         check_rebuild(self, cls, plan, config)
 
     def update_layer_config(self, config: Any, sources: list[int]) -> tuple[str, ...]:
+        # the lists as they were, for model attributes copied from them at construction (after_surgery)
+        self.extra["lists_before"] = {k: list(v) for k in self.per_layer_config + self.index_lists
+                                      if isinstance(v := getattr(config, k, None), (list, tuple))}
         for name in self.extra.get("also_count", ()):  # BART-style causal LM: the cache counts num_hidden_layers
             setattr(config, name, len(sources))
         owned = []
@@ -219,7 +222,7 @@ class DiscoveredSpec(ArchSpec):
         ``lambda_init``, a sliding window by layer type): each block is rebuilt on the meta device
         with the new config and index, and every scalar attribute that differs is taken from it, so the
         model in memory is the one ``from_pretrained`` rebuilds from the saved config."""
-        refresh_model_lists(model, self.layer_config(model.config), self.per_layer_config + self.index_lists)
+        refresh_model_lists(model, self.layer_config(model.config), self.extra.get("lists_before", {}))
         changed = refresh_constants(layers, self.layer_config(model.config))
         if changed:
             import warnings
@@ -381,12 +384,14 @@ def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
             )
 
 
-def refresh_model_lists(model: torch.nn.Module, config: Any, names: tuple[str, ...]) -> None:
+def refresh_model_lists(model: torch.nn.Module, config: Any, before: Mapping[str, list]) -> None:
     """Model attributes copied from per-layer config fields at construction (Mllama's
-    ``cross_attention_layers``) take the updated field."""
+    ``cross_attention_layers``) take the updated field; only copies (equal to the field before the
+    upscale), not lists of the same name built otherwise (LFM3's rotary ``layer_types``)."""
     for mod in model.modules():
-        for name in names:
-            if name in vars(mod) and isinstance(vars(mod)[name], (list, tuple, set)):
+        for name, old in before.items():
+            cur = vars(mod).get(name)
+            if isinstance(cur, (list, tuple)) and list(cur) == old:
                 val = getattr(config, name, None)
                 if isinstance(val, (list, tuple)):
                     setattr(mod, name, type(vars(mod)[name])(val))
