@@ -27,6 +27,7 @@ FIXED = {
     "doge": "a learned gain on the residual (input_residual): the identity needs it at 1, not 0",
     "deepseek_v3": "MLA: the census builder left qk_head_dim stale (the tiny model did not build)",
     "lfm2_moe": "num_dense_layers counts the leading dense layers: it grows with the dense copies",
+    "lfm3": "its rotary module's layer_types is not a copy of the config list: left alone",
 }
 
 
