@@ -119,7 +119,7 @@ def _shrink(cfg, layers: int, keys: set) -> None:
         het.per_layer_overrides.clear()
         het.per_layer_overrides[layers - 1] = dict(first)
         lt = getattr(cfg, "layer_types", None)  # its overrides are those of a full-attention layer
-        if isinstance(lt, list) and len(lt) == layers and "full_attention" in (getattr(cfg, "rope_parameters", None) or {}):
+        if isinstance(lt, list) and len(lt) == layers and "sliding_attention" in lt:
             cfg.layer_types = lt[:-1] + ["full_attention"]
     lt = getattr(cfg, "layer_types", None)
     if isinstance(lt, (list, tuple)) and len(lt) != layers and lt:
@@ -135,6 +135,10 @@ def _shrink(cfg, layers: int, keys: set) -> None:
 def _derived(cfg, keys: set) -> None:
     """Fields a config derives from others in ``__post_init__`` (stale after shrinking)."""
     d = vars(cfg)
+    if "num_key_value_heads" in d and d["num_key_value_heads"] is None and isinstance(d.get("num_attention_heads"), int):
+        _set(cfg, "num_key_value_heads", cfg.num_attention_heads)  # nemotron: None means one per head
+    if getattr(cfg, "model_type", "") == "lfm2_moe" and d.get("layer_types") is None and isinstance(d.get("num_hidden_layers"), int):
+        _set(cfg, "layer_types", ["conv", "full_attention"] * (cfg.num_hidden_layers // 2))  # no default: a hybrid
     if isinstance(d.get("qk_nope_head_dim"), int) and isinstance(d.get("qk_rope_head_dim"), int):
         _set(cfg, "qk_head_dim", cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)  # MLA
         if isinstance(d.get("num_key_value_heads"), int) and isinstance(d.get("num_attention_heads"), int):
@@ -165,7 +169,12 @@ def tiny_config(model_type: str, tier: int = 0):
     from transformers import AutoConfig
 
     cfg = AutoConfig.for_model(model_type)
+    het = [c for c in (cfg, getattr(cfg, "text_config", None)) if c is not None and vars(c).get("_heterogeneity_spec")]
+    for c in het:  # Gemma-4: per-layer attributes are read (and set) globally while shrinking
+        c.allow_global_per_layer_attribute_access = True
     _shrink(cfg, BASE_LAYERS, TIERS[tier])
+    for c in het:
+        c.allow_global_per_layer_attribute_access = False
     if hasattr(cfg, "use_cache"):
         _set(cfg, "use_cache", True)
     _repair(cfg, AutoConfig.for_model(model_type))
@@ -460,6 +469,9 @@ def summarize(rows: list[dict]) -> dict:
         st = [r[m]["status"] for r in built if m in r]
         s[m] = {k: st.count(k) for k in ("fp", "ok", "refused", "crash")}
         s[m]["upscaled"] = s[m]["fp"] + s[m]["ok"]
+        if m != "solar":  # ok (not fp) with the library's reason, against ok with none
+            s[m]["ok_unexplained"] = sum(1 for r in built if m in r and r[m]["status"] == "ok"
+                                         and "unexplained" in r[m].get("why", "unexplained"))
     return s
 
 
@@ -491,6 +503,12 @@ def write_doc(rows: list[dict], summary: dict, meta: dict) -> None:
     lines.append(f"Totals: {summary['built']} of {summary['types']} types build; " + "; ".join(
         f"{m}: {summary[m]['upscaled']} upscale ({summary[m]['fp']} fp), {summary[m]['refused']} refused,"
         f" {summary[m]['crash']} crash" for m in METHODS) + ".")
+    lines.append("")
+    lines.append("An `ok` for copy / avg / opt says why the logits changed (reason column: `not fp: ...`): a block"
+                 " that no zero-init makes the identity (post-LN, a scaled or normed residual), or per-layer"
+                 " constants computed from the layer index or count (DiffLlama's `lambda_init`, MiniCPM's residual"
+                 " scale). Unexplained: " + ", ".join(f"{m} {summary[m].get('ok_unexplained', '?')}"
+                                                    for m in METHODS if m != "solar") + ".")
     lines += ["", "| `model_type` | spec | copy | avg | opt | solar | reason (first refusal or crash) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "built":

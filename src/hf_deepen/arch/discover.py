@@ -192,9 +192,23 @@ class DiscoveredSpec(ArchSpec):
         check_rebuild(self, cls, plan, config)
 
     def update_layer_config(self, config: Any, sources: list[int]) -> tuple[str, ...]:
+        # the lists as they were, for model attributes copied from them at construction (after_surgery)
+        self.extra["lists_before"] = {k: list(v) for k in self.per_layer_config + self.index_lists
+                                      if isinstance(v := getattr(config, k, None), (list, tuple))}
         for name in self.extra.get("also_count", ()):  # BART-style causal LM: the cache counts num_hidden_layers
             setattr(config, name, len(sources))
         owned = []
+        for name in self.extra.get("prefix_counts", ()):  # the first k layers of one kind (LFM2-MoE's num_dense_layers)
+            first = set(self.layer_signatures[: getattr(config, name)])
+            kinds = [self.layer_signatures[s] in first for s in sources]
+            k = kinds.index(False) if False in kinds else len(kinds)
+            if not any(kinds[k:]):  # otherwise left as is: the rebuild check refuses the plan
+                setattr(config, name, k)
+                owned.append(name)
+        for name in self.extra.get("pattern_lists", ()):  # a repeating pattern (RecurrentGemma's block_types)
+            old = list(getattr(config, name))
+            setattr(config, name, [old[s % len(old)] for s in sources])  # written out in full for the new stack
+            owned.append(name)
         for name in self.index_lists:
             old = getattr(config, name, None)
             if isinstance(old, (list, tuple)):
@@ -208,7 +222,7 @@ class DiscoveredSpec(ArchSpec):
         ``lambda_init``, a sliding window by layer type): each block is rebuilt on the meta device
         with the new config and index, and every scalar attribute that differs is taken from it, so the
         model in memory is the one ``from_pretrained`` rebuilds from the saved config."""
-        refresh_model_lists(model, self.layer_config(model.config), self.per_layer_config + self.index_lists)
+        refresh_model_lists(model, self.layer_config(model.config), self.extra.get("lists_before", {}))
         changed = refresh_constants(layers, self.layer_config(model.config))
         if changed:
             import warnings
@@ -342,9 +356,23 @@ def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            fresh = get_module(cls(new), spec.layers_path)
+            whole_before, whole_fresh = cls(copy.deepcopy(config)), cls(new)
+            before, fresh = get_module(whole_before, spec.layers_path), get_module(whole_fresh, spec.layers_path)
     except Exception:  # noqa: BLE001 - the model cannot be built on meta: nothing to compare against
         return
+    inside = spec.layers_path + "."
+    after = whole_fresh.state_dict()
+    outer = [(k, tuple(v.shape), tuple(after[k].shape)) for k, v in whole_before.state_dict().items()
+             if not k.startswith(inside) and k in after and after[k].shape != v.shape]
+    if outer:
+        k, a, b = outer[0]
+        raise UnsupportedArchitectureError(
+            f"{spec.name}: tensors outside the decoder stack are sized by the layer count ({k}: {list(a)} for"
+            f" {plan.base_num_layers} layers, {list(b)} for {plan.num_layers}; per-layer input embeddings);"
+            " hf_deepen inserts blocks only, so the model would not run. Not supported for this family"
+        )
+    if tuple(signature(b.state_dict()) for b in before) != tuple(spec.layer_signatures):
+        return  # the model in memory is not what its config builds (adapters, quantized): nothing to compare
     for i, src in enumerate(plan.layers):
         want = spec.layer_signatures[src.sources[0]]
         got = signature(fresh[i].state_dict()) if i < len(fresh) else None
@@ -353,17 +381,19 @@ def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
             raise UnsupportedArchitectureError(
                 f"{spec.name}: position {i} of the upscaled stack takes a block like layer {src.sources[0]},"
                 f" but a model built from the updated config has a different block there ({kind}): the family derives layer kinds from the layer index"
-                " (a period / offset in the config), not from a per-layer list, so the saved model would not reload"
+                " (a period / offset or a count of leading layers in the config), not from a per-layer list, so the saved model would not reload"
                 " as upscaled. Not supported for this family (choose num_layers / positions that keep the pattern)"
             )
 
 
-def refresh_model_lists(model: torch.nn.Module, config: Any, names: tuple[str, ...]) -> None:
+def refresh_model_lists(model: torch.nn.Module, config: Any, before: Mapping[str, list]) -> None:
     """Model attributes copied from per-layer config fields at construction (Mllama's
-    ``cross_attention_layers``) take the updated field."""
+    ``cross_attention_layers``) take the updated field; only copies (equal to the field before the
+    upscale), not lists of the same name built otherwise (LFM3's rotary ``layer_types``)."""
     for mod in model.modules():
-        for name in names:
-            if name in vars(mod) and isinstance(vars(mod)[name], (list, tuple, set)):
+        for name, old in before.items():
+            cur = vars(mod).get(name)
+            if isinstance(cur, (list, tuple)) and list(cur) == old:
                 val = getattr(config, name, None)
                 if isinstance(val, (list, tuple)):
                     setattr(mod, name, type(vars(mod)[name])(val))
@@ -493,6 +523,37 @@ def _layer_lists(config: Any, n: int) -> tuple[tuple[str, ...], tuple[str, ...]]
     return tuple(sorted(per)), tuple(sorted(idx))
 
 
+def _pattern_lists(config: Any, layers: torch.nn.ModuleList, per: tuple[str, ...]) -> tuple[str, ...]:
+    """Lists of layer kinds shorter than the stack, repeated along it (RecurrentGemma's ``block_types``):
+    those whose repetition tells the blocks apart exactly as their tensors do."""
+    n = len(layers)
+    sigs = [signature(layer.state_dict()) for layer in layers]
+    out = []
+    for k, v in vars(config).items():
+        if (k.startswith("_") or k in per or k in _NOT_PER_LAYER or not isinstance(v, (list, tuple))
+                or not 1 < len(v) < n or not all(isinstance(x, str) for x in v) or len(set(v)) < 2):
+            continue
+        ext = [v[i % len(v)] for i in range(n)]
+        if len(set(ext)) > 1 and all((ext[i] == ext[j]) == (sigs[i] == sigs[j]) for i in range(n) for j in range(n)):
+            out.append(k)
+    return tuple(out)
+
+
+def _prefix_counts(config: Any, layers: torch.nn.ModuleList, count: str) -> tuple[str, ...]:
+    """Int fields that count leading layers of one kind (``num_dense_layers``): the blocks before that
+    index share no tensor layout with the blocks after it."""
+    n = len(layers)
+    sigs = [signature(layer.state_dict()) for layer in layers]
+    out = []
+    for k, v in vars(config).items():
+        if (k.startswith("_") or k == count or type(v) is not int or not 0 < v < n
+                or not any(t in k for t in ("layer", "dense", "first", "replace"))):
+            continue
+        if not set(sigs[:v]) & set(sigs[v:]):
+            out.append(k)
+    return tuple(out)
+
+
 def _index_attrs(layers: torch.nn.ModuleList) -> tuple[str, ...]:
     found = {"layer_idx"}
     if len(layers) < 2:
@@ -551,6 +612,8 @@ def discover_spec(model: torch.nn.Module, why: Exception | None = None) -> ArchS
     if count == "decoder_layers" and getattr(lc, "num_hidden_layers", None) == len(layers) \
             and not any(n.rpartition(".")[2] == "encoder" for n, _ in model.named_modules()):
         extra["also_count"] = ("num_hidden_layers",)  # its encoder_layers: no encoder here, the cache reads it
+    extra["pattern_lists"] = _pattern_lists(lc, layers, per)
+    extra["prefix_counts"] = _prefix_counts(lc, layers, count)
     facts, sigs = probe(model, layers, lc)
     spec = DiscoveredSpec(
         name=f"discovered:{mt}", model_types=(str(mt),), tensors={}, residual=("*",), layers_path=path,
@@ -781,6 +844,25 @@ def _candidates(block: torch.nn.Module, config: Any, hidden: int) -> list[UnitGr
                 for block in (-2, 2):
                     entries = [e for nm in fused for e in wb(nm, 0, block)] + [e for nm in cons for e in wb(nm, 1, 1)]
                     out.append(UnitGroup(f"{pre}neurons", n, tuple(entries)))
+        # selective-scan channels (a Mamba-1 mixer: A_log is channels x state): every tensor of the mixer with a
+        # channel axis (in_proj's [x; z] rows as two chunks, the depthwise conv, x_proj / out_proj columns, ...)
+        a_log = state.get(f"{pre}A_log")
+        if a_log is not None and a_log.dim() == 2 and f"{pre}D" in state:
+            d, ents, ok = a_log.shape[0], [], True
+            for k, t in state.items():
+                if not k.startswith(pre) or not t.is_floating_point():
+                    continue
+                if t.dim() > 1 and t.shape[0] in (d, 2 * d) and t.shape[1] == d:  # two channel axes: ambiguous
+                    ok = False
+                    break
+                if t.shape[0] == d:
+                    ents.append((k, 0, 1))
+                elif t.shape[0] == 2 * d:
+                    ents.append((k, 0, -2))
+                elif t.dim() == 2 and t.shape[1] == d:
+                    ents.append((k, 1, 1))
+            if ok and len(ents) > 3:
+                out.append(UnitGroup(f"{pre}channels", d, tuple(ents)))
         # KV-head groups: q (rows of g heads), k / v (rows of one head), o (columns of g heads)
         if heads and kv and hd and isinstance(kv, int) and kv > 1 and heads % kv == 0:
             hq, hkv, g = heads * hd, kv * hd, heads // kv
