@@ -80,7 +80,7 @@ class ToyModel(PreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.model = torch.nn.Module()
-        self.model.layers = torch.nn.ModuleList(torch.nn.GRUCell(8, 8) for _ in range(2))
+        self.model.layers = torch.nn.ModuleList(torch.nn.GRUCell(8, 8) for _ in range(config.num_hidden_layers))
 
 
 def test_unknown_family_is_discovered_and_ot_refused_with_the_reason():
