@@ -276,7 +276,7 @@ def _candidates(C: Tensor, k: int) -> Tensor:
     """
     n = C.shape[0]
     k = min(k, n)
-    step = _rows(n) * (2 if C.element_size() == 4 else 1)
+    step = _rows(n)  # (float32 temporaries of ~16 MB: the cost matrix is alive, and streaming counts every MB)
     # two rankings: mean-centred (best on real layers) and min-reduced (robust on unrelated units)
     mean_c = C.sum(0, dtype=torch.float64).div_(n).to(C.dtype)
     mean_r = C.sum(1, dtype=torch.float64).div_(n).to(C.dtype)
