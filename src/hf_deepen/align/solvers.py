@@ -278,8 +278,14 @@ def _candidates(C: Tensor, k: int) -> Tensor:
     k = min(k, n)
     step = _rows(n)  # (float32 temporaries of ~16 MB: the cost matrix is alive, and streaming counts every MB)
     # two rankings: mean-centred (best on real layers) and min-reduced (robust on unrelated units)
-    mean_c = C.sum(0, dtype=torch.float64).div_(n).to(C.dtype)
-    mean_r = C.sum(1, dtype=torch.float64).div_(n).to(C.dtype)
+    # (over row blocks: a float64 sum of the whole matrix would first copy it to float64, 1.6 GB at 8B)
+    mean_c = torch.zeros(n, dtype=torch.float64)
+    mean_r = torch.empty(n, dtype=torch.float64)
+    for i in range(0, n, step):
+        blk = C[i : i + step]
+        mean_c += blk.sum(0, dtype=torch.float64)
+        mean_r[i : i + step] = blk.sum(1, dtype=torch.float64)
+    mean_c, mean_r = mean_c.div_(n).to(C.dtype), mean_r.div_(n).to(C.dtype)
     min_r = C.amin(1)
     min_c = torch.stack([(C[i : i + step] - min_r[i : i + step, None]).amin(0) for i in range(0, n, step)]).amin(0)
     pots = [(mean_c, mean_r), (min_c, min_r)]
