@@ -342,10 +342,10 @@ def test_certificate_rejects_a_suboptimal_assignment_and_falls_back(monkeypatch)
     monkeypatch.setattr(solvers, "SPARSE_MAX_PASSES", 0)  # out of passes: no certificate, never a wrong one
     assert solvers._duals(C, torch.tensor([0, 1]), r, c) is None
     monkeypatch.undo()
-    # no full matching among the candidates (every row's and column's cheapest edge touches unit 0)
+    # no full matching among the candidates (here: every candidate in column 0)
     n = 6
     C = torch.arange(n, dtype=torch.float64)[:, None] + torch.arange(n, dtype=torch.float64)[None, :] ** 1.5
-    monkeypatch.setattr(solvers, "SPARSE_K", 1)
+    monkeypatch.setattr(solvers, "_candidates", lambda C, k: torch.arange(n) * n)
     assert solvers._assignment_certified(C) is None
     monkeypatch.setattr(solvers, "SPARSE_MIN_N", 0)
     assert solve_exact(C).cost == pytest.approx(float(C.diagonal().mean()))  # (any assignment is optimal here)
@@ -384,3 +384,123 @@ def test_float32_cost_assignment_is_certified_on_the_true_cost(monkeypatch):
             assert torch.equal(q.assignment, ref.assignment)
             ways.add(q.certified)
         assert "float64 fallback" in ways
+
+
+# ---- the float32 + certificate route at the default sizes (issue 13) --------------------------------
+def _units(n, f, seed, dtype=torch.float32, spread=True):
+    """``n`` units of ``f`` features with very different norms when ``spread`` (the hub case: raw
+    squared distances rank the same short units first in every row)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, f, generator=g)
+    if spread:
+        X *= torch.exp(torch.randn(n, 1, generator=g))
+    return X.to(dtype)
+
+
+def _ref_assignment(A, B):
+    """The float64 plan (upper unit j <- lower unit assignment[j]) of the true costs."""
+    from scipy.optimize import linear_sum_assignment
+
+    r, c = linear_sum_assignment(sq_dists(A.double(), B.double()).numpy())
+    out = torch.empty(len(c), dtype=torch.int64)
+    out[torch.from_numpy(c)] = torch.from_numpy(r)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shuffled_units_are_recovered_by_the_certified_sparse_route(monkeypatch, dtype):
+    """A noisy shuffle of units with widely spread norms: the sparse route (centred candidates) finds
+    the shuffle, certified on the true cost, without the dense fallback."""
+    from hf_deepen.align import solvers
+
+    n = 600
+    assert n >= solvers.SPARSE_MIN_N
+    A = _units(n, 40, 0, dtype)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    B = (A.float()[perm] + 1e-3 * torch.randn(n, 40)).to(dtype)
+    calls = []
+    real = solvers._assignment_certified
+    monkeypatch.setattr(solvers, "_assignment_certified", lambda C, s=None: calls.append(real(C, s)) or calls[-1])
+    o = solvers.SqDistCost([A], [B])
+    p = solvers.solve_exact(o.matrix(), o)
+    assert calls[0] is not None and p.certified == "float32+certificate"
+    assert torch.equal(p.assignment, perm)  # upper unit j is lower unit perm[j]
+
+
+def test_reduced_candidates_hold_the_optimum_where_raw_ones_do_not():
+    """Squared distances of units with spread norms: the raw 8 cheapest per row and column sit on the
+    shortest units and miss ~40% of the optimum's edges; ranked on reduced costs they hold most, and
+    the certified sparse route returns the float64 optimum."""
+    from hf_deepen.align import solvers
+
+    n, k = 400, 8
+    g = torch.Generator().manual_seed(0)
+
+    def coverage(A, B):
+        C = sq_dists(A, B)
+        opt = set((_ref_assignment(A, B) * n + torch.arange(n)).tolist())
+        rows = torch.topk(C, k, dim=1, largest=False).indices
+        cols = torch.topk(C, k, dim=0, largest=False).indices
+        r = torch.cat([torch.arange(n).repeat_interleave(k), cols.reshape(-1)])
+        c = torch.cat([rows.reshape(-1), torch.arange(n).repeat(k)])
+        key = solvers._candidates(C, k)
+        assert len(torch.unique(key)) == len(key) and len(key) <= 5 * k * n
+        return len(opt & set((r * n + c).tolist())) / n, len(opt & set(key.tolist())) / n
+
+    spread = lambda: torch.exp(torch.randn(n, 1, generator=g, dtype=torch.float64))  # noqa: E731
+    A = torch.randn(n, 32, generator=g, dtype=torch.float64) * spread()
+    B = torch.randn(n, 32, generator=g, dtype=torch.float64) * spread()
+    raw, reduced = coverage(A, B)  # unrelated units
+    assert raw < 0.7 and reduced > 0.85
+    cert = solvers._assignment_certified(sq_dists(A, B))
+    assert cert is not None and torch.equal(torch.argsort(cert[0]), _ref_assignment(A, B))
+    A = torch.randn(n, 32, generator=g, dtype=torch.float64)  # related units: a shuffle, noise of spread norms
+    B = A[torch.randperm(n, generator=g)] + spread() * torch.randn(n, 32, generator=g, dtype=torch.float64)
+    assert coverage(A, B)[1] > 0.9
+
+
+@pytest.mark.parametrize("case", ["near-ties", "ties", "random"])
+def test_certified_plan_is_the_float64_plan(monkeypatch, case):
+    """float32 costs + certificate == the float64 plan: on random units, on near-ties (pairs of lower
+    units closer than float32 can tell apart, so only the certificate's float64 entries decide), and
+    on exact ties (duplicated units: any optimum will do, so the cost must be the optimal cost)."""
+    from hf_deepen.align import solvers
+
+    n, f = 320, 24
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(n, f, generator=g, dtype=torch.float64)
+    if case == "near-ties":  # unit 2i+1 = unit 2i + a relative 1e-6: distinct in float32, but their
+        # distances differ by about what float32 arithmetic gets wrong
+        A[1::2] = A[0::2] * (1 + 1e-6 * torch.randn(n // 2, f, generator=g, dtype=torch.float64))
+    elif case == "ties":
+        A[1::2] = A[0::2]
+    B = A[torch.randperm(n, generator=g)] + 0.3 * torch.randn(n, f, generator=g, dtype=torch.float64)
+    A, B = A.float(), B.float()  # a float32 checkpoint: the float64 plan of these very weights
+    ref_cost = float(sq_dists(A.double(), B.double()).gather(0, _ref_assignment(A, B)[None]).mean())
+    for n_min in (10**9, 0):  # the dense solver + certificate, then the sparse route
+        monkeypatch.setattr(solvers, "SPARSE_MIN_N", n_min)
+        o = solvers.SqDistCost([A], [B])
+        p = solvers.solve_exact(o.matrix(), o)
+        assert p.certified in ("float32+certificate", "float64 fallback")
+        assert p.cost == pytest.approx(ref_cost, rel=1e-12)
+        if case != "ties":
+            assert torch.equal(p.assignment, _ref_assignment(A, B))
+        assert torch.equal(torch.sort(p.assignment).values, torch.arange(n))
+
+
+def test_chunked_product_bound_is_tighter_and_holds(monkeypatch):
+    """The float32 matrix summed in feature chunks: its error bound uses K + chunks terms, not F, and
+    still bounds the true error entry by entry."""
+    from hf_deepen.align import solvers
+
+    monkeypatch.setattr(solvers, "CHUNK_K", 64)
+    A, B = [_units(200, 700, 4), _units(200, 3, 5)], [_units(200, 700, 6), _units(200, 3, 7)]
+    o = solvers.SqDistCost(A, B)
+    M = o.matrix().double()
+    assert o._terms == 64 + 11 + 1  # 11 chunks of the first role, 1 of the second
+    ea, eb = o.error_bounds()
+    T = solvers.sq_dists(torch.cat(A, 1).double(), torch.cat(B, 1).double())
+    assert float(((M - T).abs() - ea[:, None] - eb[None, :]).max()) <= 0
+    full = solvers.SqDistCost(A, B)
+    full._norms = o._norms  # the unchunked bound, for comparison
+    assert float(full.error_bounds()[0].max()) > 8 * float(ea.max())

@@ -35,3 +35,15 @@ def test_scale_benchmark_tiny(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "out" / "scale.csv")))
     assert [r["path"] for r in rows] == ["streaming", "in-memory"]
     assert not (tmp_path / "work" / "tiny").exists()  # checkpoints are deleted
+
+
+def test_layer8b_benchmark_tiny(tmp_path):
+    """benchmarks/layer8b.py at a tiny Llama shape: both runs certify the neuron plan and build the same layer."""
+    spec = importlib.util.spec_from_file_location("hf_deepen_bench_layer8b", ROOT / "benchmarks" / "layer8b.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    src = str(ROOT / "src")
+    doc = mod.main(["--src", f"{src},{src}", "--labels", "a,b", "--shape", "64,300,4,2,16", "--out", str(tmp_path / "l.json")])
+    assert doc["same_layer"] and json.loads((tmp_path / "l.json").read_text())["runs"].keys() == {"a", "b"}
+    for runs in doc["runs"].values():
+        assert runs[0]["fallback"] == 0.0 and runs[0]["band"] > 0 and runs[0]["assign"] >= 0

@@ -56,15 +56,26 @@ _BLOCK = 1024
 _BLOCK_BYTES = 1 << 25
 
 
+#: bytes per float64 buffer of :meth:`SqDistCost.exact` (below glibc's mmap threshold as streaming sets it)
+_EXACT_BYTES = 1 << 19
+
+#: features per chunk of the float32 cost product (:meth:`SqDistCost.matrix`): bounds the error
+CHUNK_K = 512
+
+
 def _rows(n: int) -> int:
     """Rows per block for an ``[*, n]`` float64 temporary."""
     return max(1, min(_BLOCK, _BLOCK_BYTES // (8 * n)))
 
 #: exact problems this large are solved on a sparse candidate graph and certified
 #: (:func:`_assignment_certified`); smaller ones by the dense solver directly
-SPARSE_MIN_N = 4096
-#: candidate edges: the ``SPARSE_K`` cheapest per row and per column
+SPARSE_MIN_N = 256
+#: candidate edges: the ``SPARSE_K`` cheapest per row and per column (twice as many below
+#: ``SPARSE_MANY`` units: fewer certification rounds, 2.8 -> 2.2 s for SmolLM2's 15 neuron problems)
 SPARSE_K = 32
+SPARSE_MANY = 4096
+#: columns (rows) sampled to set the candidate threshold of each row (column), see :func:`_candidates`
+SPARSE_SAMPLE = 256
 #: candidates per row and column when the assignment is already known (dense solver): duals only
 SPARSE_K_FIXED = 8
 #: certification rounds (each adds the violated edges) before falling back to the dense solver
@@ -245,16 +256,60 @@ def _bellman_ford(n: int, src: Tensor, dst: Tensor, w: Tensor) -> Tensor | None:
 
 
 def _candidates(C: Tensor, k: int) -> Tensor:
-    """Keys ``i * n + j`` of the ``k`` cheapest entries of every row and every column."""
+    """Keys ``i * n + j`` of about the ``k`` cheapest entries of every row and every column, ranked on
+    *reduced* costs.
+
+    A row's entries are ranked on ``C_ij - v_j`` and a column's on ``C_ij - u_i``, with ``u`` the row
+    minima and ``v`` the column minima of ``C - u`` (the classical row-then-column reduction: feasible
+    duals). Row and column constants do not change the assignment, but they decide a raw ranking.
+    Squared distances ``|a_i|^2 + |b_j|^2 - 2 a_i . b_j`` are the case: every row prefers the same
+    few short columns, so the raw 32 cheapest per row and column of SmolLM2's neuron costs hold no
+    full matching at all and 21-36% of the optimum's edges; reduced, 98-99% (and 91% where the raw
+    ones hold 62%: unrelated units with spread norms; ``tests/test_align.py``).
+
+    "About": each row's threshold is the ``k``-th smallest of its reduced entries in a sample of
+    :data:`SPARSE_SAMPLE` columns scaled to ``n`` (likewise for columns), and every entry below it
+    is taken: one comparison per entry instead of a top-k (5x cheaper at n = 1,536); the count per
+    row varies around ``k``. Which entries are candidates never decides the answer, only how many
+    certification rounds it takes (:func:`_assignment_certified`). Over row blocks: temporaries of
+    one block.
+    """
     n = C.shape[0]
     k = min(k, n)
-    rows = torch.topk(C, k, dim=1, largest=False).indices
-    # per column in blocks of columns (a top-k along dim 0 of the whole matrix may copy it)
-    step = _rows(n)
-    cols = torch.cat([torch.topk(C[:, j : j + step], k, dim=0, largest=False).indices for j in range(0, n, step)], dim=1)
-    r = torch.cat([torch.arange(n).repeat_interleave(k), cols.reshape(-1)])
-    c = torch.cat([rows.reshape(-1), torch.arange(n).repeat(k)])
-    return torch.unique(r * n + c)
+    step = _rows(n)  # (float32 temporaries of ~16 MB: the cost matrix is alive, and streaming counts every MB)
+    # two rankings: mean-centred (best on real layers) and min-reduced (robust on unrelated units)
+    # (over row blocks: a float64 sum of the whole matrix would first copy it to float64, 1.6 GB at 8B)
+    mean_c = torch.zeros(n, dtype=torch.float64)
+    mean_r = torch.empty(n, dtype=torch.float64)
+    for i in range(0, n, step):
+        blk = C[i : i + step]
+        mean_c += blk.sum(0, dtype=torch.float64)
+        mean_r[i : i + step] = blk.sum(1, dtype=torch.float64)
+    mean_c, mean_r = mean_c.div_(n).to(C.dtype), mean_r.div_(n).to(C.dtype)
+    min_r = C.amin(1)
+    min_c = torch.stack([(C[i : i + step] - min_r[i : i + step, None]).amin(0) for i in range(0, n, step)]).amin(0)
+    pots = [(mean_c, mean_r), (min_c, min_r)]
+    if n <= 2 * SPARSE_SAMPLE:
+        cols_s = torch.arange(n)
+        ks = k
+    else:
+        cols_s = torch.linspace(0, n - 1, SPARSE_SAMPLE).round().to(torch.int64)
+        ks = max(1, round(k * SPARSE_SAMPLE / n))
+    # per row (column) and ranking: the threshold is the ks-th smallest reduced entry among the sampled columns (rows)
+    sample_r, sample_c = C[:, cols_s], C[cols_s].T
+    thr = [(torch.kthvalue(sample_r - cm[cols_s], ks, dim=1).values, torch.kthvalue(sample_c - rm[cols_s], ks, dim=1).values)
+           for cm, rm in pots]
+    del sample_r, sample_c
+    keys = []
+    for i in range(0, n, step):
+        blk = C[i : i + step]
+        m = torch.zeros(blk.shape, dtype=torch.bool)
+        for (cm, rm), (tr, tc) in zip(pots, thr):
+            m |= (blk - cm) <= tr[i : i + step, None]
+            m |= (blk - rm[i : i + step, None]) <= tc
+        hit = m.nonzero()
+        keys.append((hit[:, 0] + i) * n + hit[:, 1])
+    return torch.cat(keys)  # unique: one pass over each entry
 
 
 def _tolerance(C: Tensor) -> float:
@@ -288,8 +343,9 @@ def _assignment_certified(C: Tensor, sigma: Tensor | None = None) -> tuple[Tenso
 
     Returns ``(sigma, u, v)`` (``sigma[i]``: the column of row ``i``), or None when there is no full
     matching on the candidates or no certificate after :data:`SPARSE_ROUNDS` rounds (the caller
-    then runs the dense solver). On Llama-8B-shaped random layers it is 4-5 rounds, ~5x faster than
-    the dense solver at n = 8,192 (``benchmarks/README.md``, "Scale").
+    then runs the dense solver). On Llama-8B-shaped random layers it is 3 rounds at n = 6,144 (61, 7,
+    0 violated entries; 5 rounds with raw-cost candidates), ~5x faster than the dense solver at
+    n = 8,192 (``benchmarks/README.md``, "Scale"); on SmolLM2's neurons 1-3 rounds.
     """
     from scipy.sparse import csr_array
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
@@ -298,7 +354,7 @@ def _assignment_certified(C: Tensor, sigma: Tensor | None = None) -> tuple[Tenso
     fixed = sigma is not None
     # a known optimum only needs duals: fewer candidates make the Bellman-Ford passes cheaper
     # (0.27 -> 0.13 s at n = 1,536; the violated entries are added anyway)
-    key = _candidates(C, SPARSE_K_FIXED if fixed else SPARSE_K)
+    key = _candidates(C, SPARSE_K_FIXED if fixed else SPARSE_K if n >= SPARSE_MANY else 2 * SPARSE_K)
     if fixed:
         key = torch.unique(torch.cat([key, torch.arange(n) * n + sigma]))
     shift = float(C.min()) - 1.0  # LAPJVsp reads a zero weight as a missing edge: every weight >= 1
@@ -342,6 +398,7 @@ def _certify_true(C: Tensor, sigma: Tensor, u: Tensor, v: Tensor, oracle: "SqDis
     ar = torch.arange(n)
     ea, eb = oracle.error_bounds()
     t_sig = oracle.exact(ar, sigma)
+    oracle.sigma_cost = (sigma, t_sig)
     red_sig = C[ar, sigma].to(torch.float64) - u - v[sigma]
     u2 = t_sig - v[sigma]
     tol = _tolerance(C)
@@ -382,7 +439,9 @@ def solve_exact(M: Tensor, oracle: "SqDistCost | None" = None) -> Plan:
     Below :data:`SPARSE_MIN_N` units the dense solver (SciPy's LAPJV, float64) runs on ``M`` with its
     column minima subtracted (the same optimum; LAPJV is several times faster on reduced costs:
     3.7 -> 0.5 s at n = 1,536 on SmolLM2); from it, on a sparse candidate graph certified on the whole
-    matrix (:func:`_assignment_certified`), with the dense solver as the fallback.
+    matrix (:func:`_assignment_certified`), with the dense solver as the fallback. The sparse route
+    is 2-3x faster than the dense one at SmolLM2's 1,536 neurons (its 15 problems: 8.8 -> 3.4 s CPU
+    with the certificate, the same plans) and far more at 8B's 14,336.
     """
     n = M.shape[0]
     Mc = M.detach().to("cpu")
@@ -405,12 +464,15 @@ def solve_exact(M: Tensor, oracle: "SqDistCost | None" = None) -> Plan:
         if cert is not None and _certify_true(Mc, *cert, oracle):
             certified = "float32+certificate"
         else:  # rare: the float32 optimum is not provably optimal for the true cost
-            return _with_cert(solve_exact(oracle.matrix(torch.float64)), "float64 fallback", oracle)
+            # (float64 arithmetic, one block at a time: the float32 matrix's own optimum is not the answer)
+            return _with_cert(solve_exact(oracle.matrix(torch.float64, compute=torch.float64)), "float64 fallback", oracle)
     rows_t, cols_t = torch.arange(n), sigma
     assignment = torch.empty(n, dtype=torch.int64)
     assignment[cols_t] = rows_t
     if oracle is not None:
-        cost = float(oracle.exact(rows_t, cols_t).sum()) / n
+        known = oracle.sigma_cost
+        t_sig = known[1] if known is not None and torch.equal(known[0], cols_t) else oracle.exact(rows_t, cols_t)
+        cost = float(t_sig.sum()) / n
         ident = float(oracle.exact(rows_t, rows_t).mean())
     else:
         cost = float(Mc[rows_t, cols_t].to(torch.float64).sum()) / n
@@ -709,19 +771,26 @@ class SqDistCost:
         self.band = 0
         self.repair = 0.0
         self._norms: tuple[Tensor, Tensor] | None = None
+        self._terms = self.features + len(self.parts_a)
+        #: ``(sigma, true costs of row i -> sigma[i])`` from the last certificate (reused for the plan cost)
+        self.sigma_cost: tuple[Tensor, Tensor] | None = None
 
     def _conv(self, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         return t.to(self.device, dtype or self.cdt, copy=True).div_(self.s)
 
-    def matrix(self, out_dtype: torch.dtype | None = None, block: int = 1024) -> Tensor:
+    def matrix(self, out_dtype: torch.dtype | None = None, block: int = 1024, compute: torch.dtype | None = None) -> Tensor:
         """All distances, ``[n_a, n_b]`` in ``out_dtype`` (default: the compute dtype, float32 unless
-        an input is float64), on ``device``."""
+        an input is float64), on ``device``. ``compute=torch.float64``: float64 arithmetic (the
+        certificate's fallback), still one block converted at a time."""
         prec = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")  # IEEE float32 (no TF32): error_bounds() relies on it
+        cdt = self.cdt
+        self.cdt = compute or cdt
         try:
             return self._matrix(out_dtype, block)
         finally:
             torch.set_float32_matmul_precision(prec)
+            self.cdt = cdt
 
     def _matrix(self, out_dtype: torch.dtype | None, block: int) -> Tensor:
         n_a, n_b = self.parts_a[0].shape[0], self.parts_b[0].shape[0]
@@ -729,18 +798,32 @@ class SqDistCost:
         out = torch.zeros(n_a, n_b, dtype=out_dtype or cdt, device=dev)
         na = torch.zeros(n_a, dtype=torch.float64, device=dev)
         nb = torch.zeros(n_b, dtype=torch.float64, device=dev)
+        # the products over chunks of CHUNK_K features, each into a fresh buffer, then added: a dot
+        # product of F terms then errs by at most gamma_(CHUNK_K + chunks) instead of gamma_F
+        # (error_bounds), 23x tighter at F = 12,288, so the certificate's band of entries recomputed
+        # exactly is ~20x smaller; 10-15% slower than one product per role (rows in blocks of 256,
+        # so the buffer stays in cache)
+        kc = CHUNK_K
+        rb = min(block, 256)
+        tmp = torch.empty(rb, n_b, dtype=cdt, device=dev)
+        chunks = 0
         for pa, pb in zip(self.parts_a, self.parts_b):
             B = self._conv(pb)
             nb += _sq_norms(B)
-            for i in range(0, n_a, block):
-                A = self._conv(pa[i : i + block])
-                na[i : i + block] += _sq_norms(A)
-                if out.dtype == cdt:
-                    out[i : i + block].addmm_(A, B.T)  # no product temporary
-                else:
-                    out[i : i + block].add_(A @ B.T)
+            f = B.shape[1]
+            chunks += -(-f // kc)
+            for i in range(0, n_a, rb):
+                A = self._conv(pa[i : i + rb])
+                na[i : i + rb] += _sq_norms(A)
+                t = tmp[: A.shape[0]]
+                ob = out[i : i + rb]
+                for k in range(0, f, kc):
+                    torch.mm(A[:, k : k + kc], B[:, k : k + kc].T, out=t)
+                    ob.add_(t)
                 del A
             del B
+        del tmp
+        self._terms = min(kc, max(p.shape[1] for p in self.parts_a)) + chunks
         s2 = self.s * self.s
         step = _rows(n_b)
         for i in range(0, n_a, step):  # -2 ab + |a|^2 + |b|^2, in float64 per block, then rounded once
@@ -753,30 +836,61 @@ class SqDistCost:
     def error_bounds(self) -> tuple[Tensor, Tensor]:
         """``ea, eb`` (float64, CPU): ``|matrix()_ij - exact_ij| <= ea_i + eb_j`` for every entry.
 
-        The dot product of ``F`` terms (plus one rounding per role block) in the compute dtype has
-        error at most ``gamma_{F+R} |a| |b| <= gamma (|a|^2 + |b|^2) / 2`` (Higham, Thm 3.5, any
-        summation order); the norms, the float64 combination and the final rounding add a few
-        units ``u``. The bound used, ``2 (gamma + 8u) (|a|^2 + |b|^2)``, covers all with a margin."""
+        The dot product is summed in chunks of at most ``K =`` :data:`CHUNK_K` features, each chunk
+        in any order into a fresh buffer, error at most ``gamma_K sum_chunk |a_k b_k|`` (Higham,
+        Thm 3.5), then the ``R`` chunk results are added one by one, one rounding each, so the whole
+        errs by at most ``gamma_{K+R} sum |a_k b_k| <= gamma (|a|^2 + |b|^2) / 2`` (``gamma_{12,288}``
+        with one product per role; ``gamma_536`` in chunks, for Llama-3.1-8B's 12,288 features);
+        the norms, the float64 combination and the final rounding add a few units ``u``. The bound used, ``2 (gamma + 8u) (|a|^2 + |b|^2)``, covers all with a margin."""
         if self._norms is None:
             raise RuntimeError("internal: error_bounds() before matrix()")
         u = 2.0**-24 if self.cdt == torch.float32 else 2.0**-53
-        m = self.features + len(self.parts_a)
+        m = self._terms
         gamma = m * u / (1 - m * u)
         f = 2.0 * (gamma + 8 * u)
         na, nb = self._norms
         return (na * f).cpu(), (nb * f).cpu()
 
     def exact(self, r: Tensor, c: Tensor, chunk: int | None = None) -> Tensor:
-        """True squared distances of the pairs ``(r[k], c[k])``, float64 on the CPU."""
+        """True squared distances of the pairs ``(r[k], c[k])``, float64 on the CPU.
+
+        On the CPU, in buffers of ~0.5 MB (no allocation above glibc's mmap threshold as streaming
+        sets it, 1 MiB: there every larger temporary is a fresh mmap, 3.7x slower) and without a copy
+        of any layer: a row-major block (``gate``, ``up``) is gathered by rows; a block that is a
+        transposed view (``down.T``: a unit is a *column* of ``down``) is read row by row of
+        ``down``, gathering the pairs' columns from each row, since gathering strided columns
+        directly is 4x slower (1.0 -> 0.25 s for 6,000 pairs of 12,288 bf16 features)."""
         out = torch.zeros(len(r), dtype=torch.float64)
-        step = chunk or max(1, _BLOCK_BYTES // (16 * max(self.features, 1)))
-        for k in range(0, len(r), step):
+        if any(p.device.type != "cpu" for p in self.parts_a + self.parts_b):
+            step = chunk or max(1, _BLOCK_BYTES // (16 * self.features or 1))
+            for k in range(0, len(r), step):
+                rr, cc = r[k : k + step], c[k : k + step]
+                for pa, pb in zip(self.parts_a, self.parts_b):
+                    d = pa[rr.to(pa.device)].to("cpu", torch.float64) - pb[cc.to(pb.device)].to("cpu", torch.float64)
+                    out[k : k + step] += d.square_().sum(1)
+            return out
+        cols = [pa.stride(0) == 1 and pa.shape[1] > 1 and pb.stride(0) == 1 for pa, pb in zip(self.parts_a, self.parts_b)]
+        width = max([p.shape[1] for p, t in zip(self.parts_a, cols) if not t] + [1])
+        step = chunk or max(1, _EXACT_BYTES // (8 * width))
+        for k in range(0, len(r), step):  # row-major blocks: pairs in chunks, one gather per chunk and block
             rr, cc = r[k : k + step], c[k : k + step]
-            acc = torch.zeros(len(rr), dtype=torch.float64)
-            for pa, pb in zip(self.parts_a, self.parts_b):
-                d = pa[rr.to(pa.device)].to("cpu", torch.float64) - pb[cc.to(pb.device)].to("cpu", torch.float64)
-                acc += d.square_().sum(1)
-            out[k : k + step] = acc
+            for pa, pb, t in zip(self.parts_a, self.parts_b, cols):
+                if not t:
+                    d = pa.index_select(0, rr).to(torch.float64).sub_(pb.index_select(0, cc).to(torch.float64))
+                    out[k : k + step] += d.square_().sum(1)
+        pstep = 1 << 16  # transposed blocks: pairs in chunks of 65,536, rows of the base matrix in blocks
+        for pa, pb, t in zip(self.parts_a, self.parts_b, cols):
+            if not t:
+                continue
+            ba, bb = pa.T, pb.T  # row-major [features, units]
+            for k in range(0, len(r), pstep):
+                rr, cc = r[k : k + pstep], c[k : k + pstep]
+                kb = max(1, _EXACT_BYTES // (8 * len(rr)))
+                acc = torch.zeros(len(rr), dtype=torch.float64)
+                for f in range(0, ba.shape[0], kb):
+                    d = ba[f : f + kb].index_select(1, rr).to(torch.float64).sub_(bb[f : f + kb].index_select(1, cc).to(torch.float64))
+                    acc += d.square_().sum(0)
+                out[k : k + pstep] += acc
         return out
 
 
