@@ -52,6 +52,16 @@ def test_census_sample(built, method):
         assert rec["reload"] == type(model).__name__
 
 
+@pytest.mark.parametrize("method", ("copy", "opt"))
+def test_decoder_with_a_special_first_layer_is_not_refused_by_the_encoder_rules(method):
+    # Inkling-2's layer 0 is built differently, so it gets the encoder spec (layer rebuild); its
+    # non-identity block must not refuse zero-init for the whole model (it did, after the merge).
+    # (the tiny base model cannot reload itself: no save here)
+    model, ids, ref, _ = census.build_tiny("inkling2_text")
+    rec = census.run_method(model, ids, ref, method, save=False)
+    assert rec["status"] == "fp", rec
+
+
 def test_discovered_writers_and_units_of_a_moe_block():
     model, _, _, _ = census.build_tiny("gpt_oss")
     spec = DepthUpscaler(model).spec

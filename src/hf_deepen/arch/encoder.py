@@ -470,7 +470,7 @@ def encoder_spec(spec: DiscoveredSpec, model: torch.nn.Module, layers: torch.nn.
                 why = (f"moving the output norm's affine into the new layer did not give the identity on this"
                        f" model (relative error {err})")
                 lay = None
-        if lay is None:
+        if lay is None and _is_encoder(model):  # (a decoder keeps the discovered per-layer rule)
             refused = f"the block is not the identity with its writers zeroed, and not a post-LN block hf_deepen can handle: {why}"
     if not (_is_encoder(model) or lay is not None or first_special):
         return None
