@@ -182,3 +182,33 @@ def test_streaming_source_decides(tmp_path, monkeypatch):
         (snap / f.name).write_bytes(f.read_bytes())
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
     assert streaming_source("org/tiny") == snap
+
+
+def test_model_class_upscales_an_encoder(tmp_path, capsys):
+    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48,
+                     max_position_embeddings=32)
+    base = BertForMaskedLM(cfg).eval()
+    for n, p in base.named_parameters():  # perturbed norms: the post-LN construction must carry them
+        if "LayerNorm" in n:
+            p.data.add_(0.1 * torch.randn_like(p))
+    base.save_pretrained(tmp_path / "base")
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        ref = base(ids).logits
+    rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "out"), "--model-class",
+               "AutoModelForMaskedLM", "--method", "copy", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    deep = AutoModelForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    assert type(deep) is BertForMaskedLM and deep.config.num_hidden_layers == 6
+    with torch.no_grad():
+        assert (deep(ids).logits - ref).abs().max() < 1e-4
+    # a name that is not an Auto class, and a contradiction with --streaming: one-line errors
+    rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "o2"), "--model-class", "BertModel"])
+    assert rc == 2 and "AutoModel" in capsys.readouterr().err
+    rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "o3"), "--model-class", "AutoModel",
+               "--streaming"])
+    assert rc == 2 and "drop --streaming" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

@@ -60,7 +60,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 RUN_DEFAULTS: dict = {
     "model": None, "out": None, "overwrite": False, "gguf_file": None, "dtype": None, "revision": None,
     "trust_remote_code": False, "streaming": None, "max_shard_size": "2GB", "report": None, "progress": True,
-    "calibration": None,
+    "calibration": None, "model_class": None,
 }
 CONFIG_KEYS = [f for f in UpscaleConfig.__dataclass_fields__ if f != "version"]
 
@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-streaming", dest="streaming", action="store_false", default=None,
                    help="load the whole model in memory even where streaming is possible")
     u.add_argument("--max-shard-size", default=None, help="output shard size when streaming (default 2GB)")
+    u.add_argument("--model-class", default=None,
+                   help="the transformers Auto class to load MODEL with (default AutoModelForCausalLM;"
+                        " AutoModelForMaskedLM for an encoder such as BERT or ModernBERT, AutoModel for a bare"
+                        " stack); the model is then loaded in memory, not streamed")
     u.add_argument("--calibration", default=None,
                    help="plain text file for --align-on activations or --layout auto; 'pydoc' uses CPython's"
                         " pydoc_data topics")
@@ -219,8 +223,12 @@ def _upscale(args: argparse.Namespace) -> int:
     check_output_writable(run["out"])  # read-only, or another run writing it: before loading anything
     from .sources import streaming_source
 
-    src = streaming_source(run["model"], gguf_file=run["gguf_file"], revision=run["revision"], align_on=cfg.align_on,
-                           layout=cfg.layout, streaming=run["streaming"])
+    model_class = _model_class(run["model_class"]) if run["model_class"] else None
+    if model_class is not None and run["streaming"]:
+        raise DeepenError("--model-class loads the model in memory: drop --streaming (or --model-class)")
+    src = None if model_class is not None else streaming_source(
+        run["model"], gguf_file=run["gguf_file"], revision=run["revision"], align_on=cfg.align_on,
+        layout=cfg.layout, streaming=run["streaming"])
     run["streaming"] = src is not None  # the resolved run records what was done
     resolved = {**{k: run[k] for k in RUN_DEFAULTS}, **{k: v for k, v in cfg.to_dict().items() if k != "version"}}
     extra = {"hf_deepen_run.yaml": yaml.safe_dump(resolved, sort_keys=False)}
@@ -244,7 +252,8 @@ def _upscale(args: argparse.Namespace) -> int:
                                 **{k: v for k, v in kwargs.items() if k != "dtype"})
         if hf_config is not None:
             check_plan(hf_config, cfg)
-        up = DepthUpscaler.from_pretrained(run["model"], trust_remote_code=bool(run["trust_remote_code"]), **kwargs)
+        up = DepthUpscaler.from_pretrained(run["model"], trust_remote_code=bool(run["trust_remote_code"]),
+                                           model_class=model_class, **kwargs)
         up.upscale(cfg, progress=run["progress"], calibration=calibration)
         up.save_pretrained(run["out"], overwrite=run["overwrite"], extra_files=extra)
         report = up.report
@@ -255,6 +264,17 @@ def _upscale(args: argparse.Namespace) -> int:
         with open(run["report"], "w") as f:
             json.dump(report.to_dict(), f, indent=2, default=str)
     return 0
+
+
+def _model_class(name: str) -> type:
+    """``--model-class``: a transformers ``AutoModel*`` class by name."""
+    import transformers
+
+    cls = getattr(transformers, name, None) if name.startswith("AutoModel") else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise DeepenError(f"--model-class {name!r} is not a transformers AutoModel class: use e.g."
+                          " AutoModelForCausalLM, AutoModelForMaskedLM or AutoModel")
+    return cls
 
 
 def _read_text(path: str) -> str:
