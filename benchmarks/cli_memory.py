@@ -56,6 +56,17 @@ def run(src: Path, out: Path, extra: list[str]) -> dict:
     return r
 
 
+def synthetic_checkpoint(work: Path, shape: str) -> tuple[Path, int]:
+    """``scale.py``'s synthetic checkpoint of ``shape`` under ``work`` (written once, reused while its
+    ``done`` marker is there) and its size in bytes."""
+    src = work / f"src-{shape}"
+    if not (src / "done").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        write_synthetic(src, SHAPES[shape], layers_per_shard=4)
+        (src / "done").write_text("")
+    return src, sum(f.stat().st_size for f in src.glob("*.safetensors"))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="1b6")
@@ -64,12 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(HERE / "results" / "cli_memory.json"))
     args = ap.parse_args(argv)
     work = Path(args.work)
-    src = work / f"src-{args.shape}"
-    if not (src / "done").exists():
-        shutil.rmtree(src, ignore_errors=True)
-        write_synthetic(src, SHAPES[args.shape], layers_per_shard=4)
-        (src / "done").write_text("")
-    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    src, size = synthetic_checkpoint(work, args.shape)
     runs = {"default": run(src, work / "out-default", [])}
     if not args.no_in_memory:
         runs["no_streaming"] = run(src, work / "out-mem", ["--no-streaming"])

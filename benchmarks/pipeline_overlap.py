@@ -33,7 +33,7 @@ SRC = HERE.parent / "src"
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from scale import SHAPES, write_synthetic  # noqa: E402
+from cli_memory import synthetic_checkpoint  # noqa: E402
 
 CHILD = """
 import json, os, resource, sys, time
@@ -71,12 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(HERE / "results" / "pipeline_overlap.json"))
     args = ap.parse_args(argv)
     work = Path(args.work)
-    src = work / "src-1b6"
-    if not (src / "done").exists():
-        shutil.rmtree(src, ignore_errors=True)
-        write_synthetic(src, SHAPES["1b6"], layers_per_shard=4)
-        (src / "done").write_text("")
-    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    src, size = synthetic_checkpoint(work, "1b6")
     variants = {"ref": (args.ref_src, {}), "read_ahead=0": (str(SRC), {"READ_AHEAD": "0"}),
                 "read_ahead=1": (str(SRC), {"READ_AHEAD": "1"})}
     runs = {}
