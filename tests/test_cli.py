@@ -48,14 +48,27 @@ def test_bad_option_is_a_clean_error(tmp_path, capsys):
     assert torch is not None
 
 
-def test_activation_alignment_needs_calibration_and_memory(tmp_path, capsys):
+def test_activation_alignment_needs_calibration_and_streams(tmp_path, capsys):
+    import yaml
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
     tiny_model("gqa").save_pretrained(tmp_path / "base")
+    vocab = {w: i for i, w in enumerate(["<unk>"] + [f"w{i}" for i in range(90)])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(tmp_path / "base")
     rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "o"), "--align-on", "activations", "--no-progress"])
     assert rc == 2 and "--calibration" in capsys.readouterr().err
-    rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "o"), "--align-on", "activations",
-               "--streaming", "--no-progress"])
-    assert rc == 2 and "streaming" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{(7 * i) % 90}" for i in range(600)))
+    rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "o"), "--align-on", "activations",
+               "--calibration", str(text), "--calibration-tokens", "512", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    run = yaml.safe_load((tmp_path / "o" / "hf_deepen_run.yaml").read_text())
+    assert run["streaming"] is True and run["align_on"] == "activations"  # streamed, no flag needed
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.num_hidden_layers == 9
 
 
 def test_streaming_command(tmp_path, capsys):
@@ -166,7 +179,6 @@ def test_streaming_source_decides(tmp_path, monkeypatch):
     assert streaming_source(str(tmp_path / "base")) == tmp_path / "base"
     assert streaming_source(str(tmp_path / "base"), streaming=False) is None
     assert streaming_source(str(tmp_path / "base"), gguf_file="x.gguf") is None  # GGUF: loaded
-    assert streaming_source(str(tmp_path / "base"), align_on="activations") is None
     with pytest.raises(DeepenError, match="GGUF"):
         streaming_source(str(tmp_path / "base"), gguf_file="x.gguf", streaming=True)
     assert streaming_source("nobody/not-cached-anywhere") is None

@@ -66,7 +66,7 @@ def calibration_block_ids(tokenizer: Any, calibration: Any, num_tokens: int, seq
 
 @torch.no_grad()
 def block_influence(model: torch.nn.Module, layers: torch.nn.ModuleList, ids: torch.Tensor,
-                    batch_size: int = 4) -> list[float]:
+                    batch_size: int = 4, device: torch.device | None = None) -> list[float]:
     """``1 - mean cos(h_in, h_out)`` of every decoder layer on ``ids`` (tokens after position 0)."""
     n = len(layers)
     sums = torch.zeros(n, dtype=torch.float64)
@@ -95,7 +95,7 @@ def block_influence(model: torch.nn.Module, layers: torch.nn.ModuleList, ids: to
         handles.append(layer.register_forward_hook(post(i), with_kwargs=True))
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     try:
         for s in range(0, ids.shape[0], batch_size):
             x = ids[s : s + batch_size].to(device)
@@ -108,6 +108,28 @@ def block_influence(model: torch.nn.Module, layers: torch.nn.ModuleList, ids: to
     if count == 0:
         raise ConfigError("layout='auto' needs calibration blocks of at least 2 tokens")
     return (sums / count).tolist()
+
+
+def auto_layout_ids(cfg: Any, config: Any, calibration: Any, tokenizer: Any) -> tuple[torch.Tensor, str]:
+    """The token ids of the block-influence pass (``calibration``, default the pydoc topics) and what they are."""
+    source = "the given calibration"
+    if calibration is None:
+        calibration, source = default_calibration_text(), DEFAULT_CALIBRATION
+    seq_len = min(256, getattr(config, "max_position_embeddings", None) or 256)
+    return calibration_block_ids(tokenizer, calibration, cfg.calibration_tokens, seq_len), source
+
+
+def auto_scores(bi: Sequence[float], cfg: Any, ids: torch.Tensor, source: str) -> tuple[list[float], str | None]:
+    """Slot scores from the block influence ``bi`` and the reason recorded in the plan."""
+    from .layouts import FUSIONS_NEEDING_PAIR
+
+    scores = slot_scores(bi, cfg.method in FUSIONS_NEEDING_PAIR)
+    n_base = len(bi)
+    n_new = (cfg.num_layers if cfg.num_layers is not None else n_base + n_base // 2) - n_base
+    why = None
+    if 0 < n_new <= len(scores):
+        why = reason(bi, scores, auto_positions(scores, n_new), int(ids.numel()), source)
+    return scores, why
 
 
 def slot_scores(bi: Sequence[float], needs_pair: bool) -> list[float]:

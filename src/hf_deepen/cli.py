@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="insist on streaming (an error if MODEL cannot stream). Streaming is the default whenever MODEL"
                         " is a local safetensors directory or a Hub snapshot in the local cache: tensors are read and"
                         " written layer by layer, the model is never instantiated (peak memory: the source layers of one"
-                        " new layer and its OT problem); GGUF files, other formats and --align-on activations load it")
+                        " new layer and its OT problem; calibration passes run it one layer at a time); GGUF files and"
+                        " other formats load it")
     u.add_argument("--no-streaming", dest="streaming", action="store_false", default=None,
                    help="load the whole model in memory even where streaming is possible")
     u.add_argument("--max-shard-size", default=None, help="output shard size when streaming (default 2GB)")
@@ -227,24 +228,24 @@ def _upscale(args: argparse.Namespace) -> int:
     if model_class is not None and run["streaming"]:
         raise DeepenError("--model-class loads the model in memory: drop --streaming (or --model-class)")
     src = None if model_class is not None else streaming_source(
-        run["model"], gguf_file=run["gguf_file"], revision=run["revision"], align_on=cfg.align_on,
-        layout=cfg.layout, streaming=run["streaming"])
+        run["model"], gguf_file=run["gguf_file"], revision=run["revision"], streaming=run["streaming"])
     run["streaming"] = src is not None  # the resolved run records what was done
     resolved = {**{k: run[k] for k in RUN_DEFAULTS}, **{k: v for k, v in cfg.to_dict().items() if k != "version"}}
     extra = {"hf_deepen_run.yaml": yaml.safe_dump(resolved, sort_keys=False)}
+    if run["calibration"] and cfg.align_on != "activations" and cfg.layout != "auto":
+        raise DeepenError("--calibration is only used with --align-on activations or --layout auto: drop it")
+    calibration = _read_text(run["calibration"]) if run["calibration"] else None
+    if cfg.align_on == "activations" and calibration is None:
+        raise DeepenError("--align-on activations needs calibration text: pass --calibration FILE (or 'pydoc')")
     if src is not None:
         from .streaming import upscale_checkpoint
 
-        if run["calibration"]:
-            raise DeepenError("--calibration is only used with --align-on activations: drop it")
         report = upscale_checkpoint(src, run["out"], cfg, overwrite=run["overwrite"], dtype=_dtype(run["dtype"]),
-                                    max_shard_size=run["max_shard_size"], progress=run["progress"], extra_files=extra)
+                                    max_shard_size=run["max_shard_size"], progress=run["progress"], extra_files=extra,
+                                    calibration=calibration)
     else:
         kwargs = {k: v for k, v in (("gguf_file", run["gguf_file"]), ("revision", run["revision"]),
                                     ("dtype", _dtype(run["dtype"]))) if v is not None}
-        calibration = _read_text(run["calibration"]) if run["calibration"] else None
-        if cfg.align_on == "activations" and calibration is None:
-            raise DeepenError("--align-on activations needs calibration text: pass --calibration FILE (or 'pydoc')")
         from .validate import check_plan, check_source, load_config
 
         source = check_source(run["model"])  # then the plan, from the config alone: before any weight is read

@@ -3,8 +3,9 @@
 The CLI streams by default (:func:`streaming_source`): a local directory of safetensors weights, or
 a Hub id whose snapshot is already in the local cache, is upscaled tensor by tensor
 (:func:`hf_deepen.streaming.upscale_checkpoint`). Only what streaming cannot do loads the model:
-GGUF files (dequantized by transformers), other weight formats, a Hub id not in the cache, a
-family without an architecture spec, and activation alignment (it needs forward passes).
+GGUF files (dequantized by transformers), other weight formats, a Hub id not in the cache and a
+family without an architecture spec. Calibration passes (``align_on="activations"``,
+``layout="auto"``) stream too: they run the checkpoint one decoder layer at a time.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
 
 
 def streaming_source(model: str, *, gguf_file: str | None = None, revision: str | None = None,
-                     align_on: str = "weights", layout: str | None = None,
                      streaming: bool | None = None) -> Path | None:
     """The directory to stream from, or None to load the model in memory.
 
@@ -47,11 +47,6 @@ def streaming_source(model: str, *, gguf_file: str | None = None, revision: str 
     path = None
     if gguf_file:
         why = "a GGUF file is dequantized by transformers: drop --streaming"
-    elif align_on != "weights":
-        why = ("align_on='activations' needs forward passes through the model: drop --streaming (upscale in"
-               " memory) or use align_on='weights'")
-    elif layout == "auto":
-        why = "layout='auto' needs a calibration pass through the model: drop --streaming or choose a fixed layout"
     else:
         local = Path(model)
         if local.is_dir():

@@ -39,6 +39,8 @@ def upscale_checkpoint(
     progress: bool | None = None,
     extra_files: dict[str, str] | None = None,
     dtype: torch.dtype | str | None = None,
+    calibration: Any = None,
+    tokenizer: Any = None,
     **kwargs: Any,
 ) -> UpscaleReport:
     """Upscale the checkpoint in directory ``src`` into directory ``out``, streaming tensors.
@@ -69,19 +71,27 @@ def upscale_checkpoint(
             f" tree: {ADD_A_FAMILY}"
         )
     spec = _SPECS[model_type].bind(hf_config)
-    if cfg.align_on != "weights":
-        raise ConfigError(
-            "align_on='activations' needs forward passes through the model, which the streaming path never"
-            " builds: drop streaming (upscale in memory) or use align_on='weights'"
-        )
+    if calibration is not None and cfg.align_on != "activations" and cfg.layout != "auto":
+        raise ConfigError("calibration= is only used with align_on='activations' or layout='auto': drop it or set one")
     check_checkpoint(src, hf_config)  # truncated shards, index vs shards, shapes vs config: before any work
     _return_freed_memory()
     cast = _cast_dtype(dtype)
     if cast is not None:
         hf_config.dtype = cast
     source = SafetensorsSource(src, spec.layers_path + ".", hf_config.num_hidden_layers, cast)
-    plan = make_plan(cfg, spec, hf_config, hf_config.num_hidden_layers)
-    run = resolve(cfg, spec, hf_config, plan, str(src), seconds={"plan": time.perf_counter() - t0})
+    try:
+        calib = _Calibration(source, hf_config, spec, src, calibration, tokenizer)
+        seconds: dict[str, float] = {}
+        ta = time.perf_counter()
+        plan = make_plan(cfg, spec, hf_config, hf_config.num_hidden_layers, *calib.auto_scores(cfg))
+        if cfg.layout == "auto":
+            seconds["layout_calibration"] = time.perf_counter() - ta
+        seconds["plan"] = time.perf_counter() - t0
+        capture = (lambda plan: calib.activations(cfg, plan)) if cfg.align_on == "activations" else None
+        run = resolve(cfg, spec, hf_config, plan, str(src), capture=capture, seconds=seconds)
+    except BaseException:
+        source.close()
+        raise
     report = run.new_report()
 
     def write(tmp: Path) -> None:
@@ -97,6 +107,53 @@ def upscale_checkpoint(
     finally:
         source.close()
     return report
+
+
+class _Calibration:
+    """The calibration passes of a streaming run (``layout="auto"``, ``align_on="activations"``), run on
+    the checkpoint one layer at a time; the tokenizer is loaded only if text needs it."""
+
+    def __init__(self, source: SafetensorsSource, config: Any, spec: Any, src: Path, calibration: Any,
+                 tokenizer: Any):
+        self.source, self.config, self.spec, self.src = source, config, spec, src
+        self.calibration, self._tokenizer = calibration, tokenizer
+
+    def tokenizer(self, calibration: Any) -> Any:
+        if self._tokenizer is None and not isinstance(calibration, torch.Tensor):
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.src)
+            except (OSError, ValueError) as e:
+                raise ConfigError(
+                    f"calibration text needs a tokenizer and {str(self.src)!r} has none ({e.__class__.__name__}):"
+                    " pass tokenizer=... or token ids"
+                ) from e
+        return self._tokenizer
+
+    def auto_scores(self, cfg: UpscaleConfig) -> tuple[Any, Any]:
+        if cfg.layout != "auto":
+            return None, None
+        from .auto_layout import auto_layout_ids, auto_scores, block_influence
+        from .pipeline.layerwise import layerwise_model
+
+        ids, what = auto_layout_ids(cfg, self.config, self.calibration, self.tokenizer(self.calibration))
+        n = self.config.num_hidden_layers
+        with layerwise_model(self.source, self.config, self.spec.layers_path, n - 1, ids) as (runner, layers):
+            bi = block_influence(runner, layers, ids, device=torch.device("cpu"))
+        return auto_scores(bi, cfg, ids, what)
+
+    def activations(self, cfg: UpscaleConfig, plan: Any) -> dict[int, dict[str, torch.Tensor]]:
+        from .align.activations import activation_ids, capture_activations
+        from .pipeline.layerwise import layerwise_model
+
+        tok = self.tokenizer(self.calibration) if self.calibration is not None else None
+        ids = activation_ids(cfg, self.config, self.calibration, tok)
+        used = sorted({j for s in plan.layers if s.kind == "new" for j in s.sources})
+        if not used:
+            return {}
+        with layerwise_model(self.source, self.config, self.spec.layers_path, used[-1], ids) as (runner, layers):
+            return capture_activations(runner, self.spec, layers, used, ids, device=torch.device("cpu"))
 
 
 def _return_freed_memory() -> None:

@@ -155,40 +155,21 @@ class DepthUpscaler:
         """``layout="auto"``: slot scores and the reason from a block-influence pass; else ``(None, None)``."""
         if cfg.layout != "auto":
             return None, None
-        from .auto_layout import (DEFAULT_CALIBRATION, auto_positions, block_influence, calibration_block_ids,
-                                  default_calibration_text, reason, slot_scores)
-        from .layouts import FUSIONS_NEEDING_PAIR
+        from .auto_layout import auto_layout_ids, auto_scores, block_influence
 
-        source = "the given calibration"
-        if calibration is None:
-            calibration, source = default_calibration_text(), DEFAULT_CALIBRATION
         if tokenizer is None and not isinstance(calibration, torch.Tensor):
             tokenizer = self.tokenizer
-        seq_len = min(256, getattr(self.model.config, "max_position_embeddings", None) or 256)
-        ids = calibration_block_ids(tokenizer, calibration, cfg.calibration_tokens, seq_len)
-        bi = block_influence(self.model, self._layers(), ids)
-        scores = slot_scores(bi, cfg.method in FUSIONS_NEEDING_PAIR)
-        n_base = len(bi)
-        n_new = (cfg.num_layers if cfg.num_layers is not None else n_base + n_base // 2) - n_base
-        why = None
-        if 0 < n_new <= len(scores):
-            why = reason(bi, scores, auto_positions(scores, n_new), int(ids.numel()), source)
-        return scores, why
+        ids, source = auto_layout_ids(cfg, self.model.config, calibration, tokenizer)
+        return auto_scores(block_influence(self.model, self._layers(), ids), cfg, ids, source)
 
     def _calibrate(self, cfg: UpscaleConfig, layers: torch.nn.ModuleList, indices: set[int], calibration: Any,
                    tokenizer: Any) -> dict[int, dict[str, torch.Tensor]]:
         """Token ids from ``calibration`` and the activations of the source layers on them."""
-        from .align.activations import calibration_ids, capture_activations
+        from .align.activations import activation_ids, capture_activations
 
-        if calibration is None:
-            raise ConfigError(
-                "align_on='activations' needs calibration text: upscale(calibration=[...texts...]) (or token ids);"
-                " on the command line --calibration FILE"
-            )
-        if tokenizer is None and not isinstance(calibration, torch.Tensor):
+        if tokenizer is None and calibration is not None and not isinstance(calibration, torch.Tensor):
             tokenizer = self.tokenizer
-        seq_len = min(256, getattr(self.model.config, "max_position_embeddings", None) or 256)
-        ids = calibration_ids(tokenizer, calibration, cfg.calibration_tokens, seq_len)
+        ids = activation_ids(cfg, self.model.config, calibration, tokenizer)
         return capture_activations(self.model, self.spec, layers, sorted(indices), ids)
 
     # ---- output -----------------------------------------------------------------------------

@@ -18,8 +18,9 @@ calibration tokens, each layer sees its own input (the base model's residual str
 * **KV group**: the optimal cost of matching its query heads (the nested problem of
   :func:`~hf_deepen.align.align_layers`); no separate K/V term, since head outputs include them.
 
-The plans are then applied to the weights exactly as weight-based plans are. Only the in-memory
-path can do this (it needs forward passes); MoE layers are not supported.
+The plans are then applied to the weights exactly as weight-based plans are. The streaming path
+runs the same pass one layer at a time (:mod:`hf_deepen.pipeline.layerwise`); MoE layers are not
+supported.
 """
 
 from __future__ import annotations
@@ -97,15 +98,26 @@ def calibration_ids(tokenizer: Any, calibration: Any, num_tokens: int, seq_len: 
     return ids[: n * seq_len].view(n, seq_len)
 
 
+def activation_ids(cfg: Any, config: Any, calibration: Any, tokenizer: Any) -> Tensor:
+    """The token ids of an ``align_on="activations"`` run (``calibration`` is required)."""
+    if calibration is None:
+        raise ConfigError(
+            "align_on='activations' needs calibration text: upscale(calibration=[...texts...]) (or token ids);"
+            " on the command line --calibration FILE"
+        )
+    seq_len = min(256, getattr(config, "max_position_embeddings", None) or 256)
+    return calibration_ids(tokenizer, calibration, cfg.calibration_tokens, seq_len)
+
+
 @torch.no_grad()
 def capture_activations(
     model: torch.nn.Module, spec: Any, layers: torch.nn.ModuleList, indices: Sequence[int], ids: Tensor,
-    batch_size: int = 4,
+    batch_size: int = 4, device: torch.device | None = None,
 ) -> dict[int, dict[str, Tensor]]:
     """Run ``model`` on ``ids`` and return, per layer index, ``{"o": [N, q_dim], "down": [N, I]}``."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     try:
         with _capturing(spec, layers, sorted(set(indices))) as store:
             for s in range(0, ids.shape[0], batch_size):
@@ -154,4 +166,4 @@ def activation_costs(
     }
 
 
-__all__ = ["activation_costs", "calibration_ids", "capture_activations"]
+__all__ = ["activation_costs", "activation_ids", "calibration_ids", "capture_activations"]
