@@ -9,6 +9,7 @@ function-preservation checks would have no power.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -271,14 +272,25 @@ def test_trainer_sequence_classification(tmp_path):
     assert any(f".layer.{i}." in n for n in changed for i in out.config.hf_deepen["new_layer_indices"])
 
 
-def test_bert_with_cross_attention_is_not_given_the_two_norm_construction():
-    """A BERT decoder layer with cross-attention has a third norm between the two: the layout does not
-    match, and zero-init is refused rather than reported function preserving."""
+def test_bert_with_cross_attention_is_preserved_with_and_without_encoder_states():
+    """A BERT decoder layer with cross-attention has a third norm between the two, idle when probed
+    (no encoder states): the new layers get their cross-attention zeroed and its norm made plain, and
+    the deeper model equals the base one both without encoder states and with them."""
     model = build("bert", is_decoder=True, add_cross_attention=True)
     spec = DepthUpscaler(model).spec
-    assert spec.post_ln is None and "crossattention.output.LayerNorm" in spec.post_ln_refused
-    with pytest.raises(UnsupportedArchitectureError, match="not called here"):
-        DepthUpscaler(model).upscale(method="copy")
+    assert spec.post_ln is not None and spec.post_ln.idle_norms == ("crossattention.output.LayerNorm",)
+    x = ids()
+    enc = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+
+    def both(m):
+        with torch.no_grad():
+            return m(input_ids=x).logits, m(input_ids=x, encoder_hidden_states=enc).logits
+
+    ref = both(model)
+    DepthUpscaler(model).upscale(method="copy")
+    assert model.config.num_hidden_layers == 6
+    for got, want in zip(both(model), ref):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_modernbert_decoder_first_layer_rebuilt(tmp_path):
@@ -409,6 +421,18 @@ def test_three_norm_post_ln_block_with_cross_attention():
                                 for p in ("weight", "bias")}
     assert "encoder_attn.q_proj" in lay.mid_readers and "encoder_attn.k_proj" not in lay.mid_readers
     assert encoder.check_post_ln(layers, {1: call}, lay) < 1e-5
-    # without the encoder states the cross-attention (and its norm) never runs: refused, not guessed
-    lay, why = encoder.find_post_ln(layers[1], ((), {"hidden_states": call[1]["hidden_states"]}))
-    assert lay is None and "encoder_attn_layer_norm" in why
+    # without the encoder states (a causal LM) the cross-attention and its norm never run: they are
+    # neutralised in the new layer (parameters zeroed, norm plain), which is then the identity both
+    # without the encoder states and with them
+    causal = ((), {"hidden_states": call[1]["hidden_states"]})
+    lay, why = encoder.find_post_ln(layers[1], causal)
+    assert lay is not None, why
+    assert lay.norms == ("self_attn_layer_norm", "final_layer_norm")
+    assert lay.idle_norms == ("encoder_attn_layer_norm",)
+    assert {k.rpartition(".")[0] for k in lay.idle} == {f"encoder_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    assert encoder.check_post_ln(layers, {1: causal}, lay) < 1e-5
+    assert encoder.check_post_ln(layers, {1: call}, lay) < 1e-5
+    # the neutralising is what makes it hold with encoder states: without it, it does not
+    bare = dataclasses.replace(lay, idle=(), idle_norms=())
+    assert encoder.check_post_ln(layers, {1: causal}, bare) < 1e-5
+    assert encoder.check_post_ln(layers, {1: call}, bare) > 1e-2

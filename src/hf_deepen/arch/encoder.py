@@ -37,8 +37,11 @@ model itself when the spec is built (one block with perturbed weights, on its ca
 a layout whose check fails is not used, and zero-init on it is refused.
 
 The structure is found by probing (:func:`find_post_ln`), not by names: the block's norms on the
-hidden size, all of which must run, in call order (two for BERT, three for a BART decoder layer
-with its cross-attention: inner norms are made plain and folded into their readers); the writers are
+hidden size that run, in call order (two for BERT, three for a BART decoder layer with its
+cross-attention: inner norms are made plain and folded into their readers). A sub-block that does
+not run on the probe (a causal-LM BART decoder's cross-attention: there are no encoder states) has
+its parameters zeroed and its norm made plain in the new layer, so the new layer is the identity
+(up to eps) whether or not it runs (``tests/test_encoders.py`` checks both); the writers are
 the parameters whose zeroing leaves ``norm_k(...norm_1(x))`` (given back in call order, as for
 pre-LN blocks); the readers are the ``Linear`` s whose input *is* the block input or an inner norm's
 output. The whole construction is then checked in float32 (:func:`check_post_ln`). This applies to
@@ -82,6 +85,11 @@ class PostLN:
     writers: tuple[str, ...]  # parameters whose zeroing leaves ``norms[-1](...norms[0](x))``
     norms: tuple[str, ...]
     readers: tuple[tuple[str, ...], ...] = ()  # readers[0]: of the block input; readers[j]: of norms[j-1]
+    #: a sub-block that did not run when probed (a causal-LM decoder's cross-attention: no encoder
+    #: states): its parameters are zeroed and its norms made plain in the new layer, so that it is
+    #: the identity (up to eps) also when it does run
+    idle: tuple[str, ...] = ()
+    idle_norms: tuple[str, ...] = ()
 
     @property
     def attn_norm(self) -> str:
@@ -161,11 +169,14 @@ def find_post_ln(block: torch.nn.Module, call: tuple) -> tuple[PostLN | None, st
     if y is None:
         return None, "the block could not be run on its captured input"
     norms = [n for n in mods if n and _is_norm(mods[n], hidden)]
-    idle = [n for n in norms if n not in order]
-    if len(norms) < 2 or idle:
-        return None, (f"not a block of norms after its residual adds that all run ({len(norms)} norm(s) on the hidden"
-                      f" size{', not called here: ' + ', '.join(idle) if idle else ''}; an idle one, e.g. of a"
-                      " cross-attention, would sit between the others when it runs)")
+    idle_norms = tuple(n for n in norms if n not in order)
+    norms = [n for n in norms if n in order]
+    if len(norms) < 2:
+        return None, (f"not a block of norms after its residual adds ({len(norms)} norm(s) on the hidden size run"
+                      f"{', not called here: ' + ', '.join(idle_norms) if idle_norms else ''})")
+    # modules that never ran (a cross-attention without encoder states): neutralised in the new layer
+    idle = tuple(f"{n}.{k}" for n, m in mods.items() if n and n not in order and n not in idle_norms
+                 for k, _ in m.named_parameters(recurse=False))
     norms.sort(key=order.get)
     if getattr(mods[norms[-1]], "bias", None) is None:
         return None, f"the output norm {norms[-1]} has no bias (the affine moved up needs one)"
@@ -210,7 +221,7 @@ def find_post_ln(block: torch.nn.Module, call: tuple) -> tuple[PostLN | None, st
         return tuple(sorted(out, key=order.get))
 
     stages = (readers(x, norms[-1]),) + tuple(readers(outputs.get(n), n) for n in norms[:-1])
-    return PostLN(tuple(writers), tuple(norms), stages), ""
+    return PostLN(tuple(writers), tuple(norms), stages, idle, idle_norms), ""
 
 
 def _fold(state: dict[str, Tensor], readers: tuple[str, ...], gain: Tensor, bias: Tensor | None) -> None:
@@ -230,8 +241,12 @@ def post_ln_state(new: Mapping[str, Tensor], lower: Mapping[str, Tensor], lay: P
     g_p = lower[f"{lay.out_norm}.weight"].detach()
     b_p = lower.get(f"{lay.out_norm}.bias")
     b_p = b_p.detach() if b_p is not None else None
-    for k in lay.writers:
+    for k in lay.writers + lay.idle:
         out[k] = torch.zeros_like(out[k])
+    for norm in lay.idle_norms:
+        out[f"{norm}.weight"] = torch.ones_like(out[f"{norm}.weight"])
+        if f"{norm}.bias" in out:
+            out[f"{norm}.bias"] = torch.zeros_like(out[f"{norm}.bias"])
     _fold(out, lay.input_readers, g_p, b_p)
     for j, norm in enumerate(lay.norms[:-1]):  # each inner norm made plain, its affine folded into its readers
         w = out[f"{norm}.weight"]
