@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from hf_deepen import DepthUpscaler
-from hf_deepen.arch import encoder
+from hf_deepen.arch import ArchitectureWarning, encoder
 from hf_deepen.arch.encoder import EncoderSpec, post_ln_state
 from hf_deepen.errors import UnsupportedArchitectureError
 
@@ -436,3 +436,27 @@ def test_three_norm_post_ln_block_with_cross_attention():
     bare = dataclasses.replace(lay, idle=(), idle_norms=())
     assert encoder.check_post_ln(layers, {1: causal}, bare) < 1e-5
     assert encoder.check_post_ln(layers, {1: call}, bare) > 1e-2
+
+
+def test_layer_indices_kept_outside_the_blocks_follow_their_layers(tmp_path):
+    """NeoMME keeps, on the model, the indices of the layers that get value embeddings (derived from
+    ``layer_types`` at construction). They follow their base layers to the new positions, so the
+    deeper model is function preserving and reloads as it is; a plan that would make a reload route
+    them to another layer is warned about as not function preserving."""
+    pytest.importorskip("transformers.models.neomme")
+    model = build("neomme")
+    x = ids()
+    ref = logits(model, x)
+    assert model.model.value_embedding_layers == {3}
+    DepthUpscaler(model).upscale(method="copy", num_layers=6)
+    assert model.model.value_embedding_layers == {5}  # base layer 3, now at 5
+    torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    assert again.model.value_embedding_layers == {5}
+    torch.testing.assert_close(logits(again, x), logits(model, x), atol=0, rtol=0)
+    # a copy of the last (full-attention) layer right after it: a reload gives both value embeddings
+    model = build("neomme")
+    with pytest.warns(ArchitectureWarning, match="value_embedding_layers"):
+        DepthUpscaler(model).upscale(method="copy", positions=[3])
+    assert model.model.value_embedding_layers == {3, 4}  # what from_pretrained builds

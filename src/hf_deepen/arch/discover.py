@@ -31,6 +31,7 @@ has no named spec and is not Llama-shaped. It works on the model itself, not on 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 from dataclasses import dataclass, field
@@ -222,12 +223,28 @@ class DiscoveredSpec(ArchSpec):
         ``lambda_init``, a sliding window by layer type): each block is rebuilt on the meta device
         with the new config and index, and every scalar attribute that differs is taken from it, so the
         model in memory is the one ``from_pretrained`` rebuilds from the saved config."""
+        import warnings
+
+        from .spec import ArchitectureWarning
+
         refresh_model_lists(model, self.layer_config(model.config), self.extra.get("lists_before", {}))
+        routed = []
+        for name, attr, value, preserved in self.extra.pop("model_index_sets", []):
+            try:
+                setattr(model.get_submodule(name), attr, copy.copy(value))
+            except AttributeError:  # (a model of another class than the one checked)
+                continue
+            if not preserved:
+                routed.append(f"{name or type(model).__name__}.{attr} = {sorted(value)}")
+        if routed:
+            warnings.warn(
+                f"{self.name}: the model derives layer indices from the config ({'; '.join(routed)}); for the new"
+                " stack they no longer name the same base layers, so the upscaled model (like its reload) is not"
+                " function preserving: choose positions that keep them",
+                ArchitectureWarning, stacklevel=3,
+            )
         changed = refresh_constants(layers, self.layer_config(model.config))
         if changed:
-            import warnings
-
-            from .spec import ArchitectureWarning
 
             warnings.warn(
                 f"{self.name}: blocks compute constants from their index ({', '.join(changed[:4])}"
@@ -351,8 +368,6 @@ def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
             f" family describes its layer structure in config fields that depend on each other; hf_deepen updates"
             f" '{spec.count_field}' and per-layer lists only, so a reload would fail. Not supported for this family"
         )
-    if getattr(spec, "rebuilds_layers", False):  # after_surgery rebuilds each new layer to its index's modules
-        return
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
@@ -371,6 +386,9 @@ def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
             f" {plan.base_num_layers} layers, {list(b)} for {plan.num_layers}; per-layer input embeddings);"
             " hf_deepen inserts blocks only, so the model would not run. Not supported for this family"
         )
+    spec.extra["model_index_sets"] = model_index_sets(whole_before, whole_fresh, spec.layers_path, plan)
+    if getattr(spec, "rebuilds_layers", False):  # after_surgery rebuilds each new layer to its index's modules
+        return
     if tuple(signature(b.state_dict()) for b in before) != tuple(spec.layer_signatures):
         return  # the model in memory is not what its config builds (adapters, quantized): nothing to compare
     for i, src in enumerate(plan.layers):
@@ -384,6 +402,38 @@ def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
                 " (a period / offset or a count of leading layers in the config), not from a per-layer list, so the saved model would not reload"
                 " as upscaled. Not supported for this family (choose num_layers / positions that keep the pattern)"
             )
+
+
+def model_index_sets(before: torch.nn.Module, fresh: torch.nn.Module, layers_path: str, plan: Any) -> list[tuple]:
+    """Layer indices a model keeps *outside* its blocks, derived from the config at construction
+    (NeoMME's ``value_embedding_layers``: the first and last full-attention layer get value
+    embeddings). Found by building the model from the config before and after the upscale (on
+    ``meta``) and comparing every set / list / tuple of layer indices of the modules outside the stack.
+
+    Returns ``(module, attribute, value for the new stack, preserved)`` for each one that changes:
+    ``preserved`` when the new value names exactly the base layers the old one named, at their new
+    positions (the model then routes as before, and keeps doing so after a reload); else a reload
+    routes differently and the upscale is not function preserving (:meth:`DiscoveredSpec.after_surgery`
+    warns). Either way the model in memory takes the new value, which is what ``from_pretrained`` builds.
+    """
+    pos = {s.sources[0]: i for i, s in enumerate(plan.layers) if s.kind == "base"}
+    fresh_mods = dict(fresh.named_modules())
+    out = []
+    for name, mod in before.named_modules():
+        if name == layers_path or name.startswith(layers_path + "."):
+            continue
+        ref = fresh_mods.get(name)
+        if ref is None or type(ref) is not type(mod):
+            continue
+        for attr, old in vars(mod).items():
+            new = vars(ref).get(attr)
+            if attr.startswith("_") or not isinstance(old, (set, frozenset, list, tuple)) or type(new) is not type(old) \
+                    or new == old or not old or not all(type(v) is int for v in (*old, *new)) \
+                    or not all(0 <= v < plan.base_num_layers for v in old):
+                continue
+            moved = [pos.get(v) for v in old]
+            out.append((name, attr, new, None not in moved and type(old)(moved) == new))
+    return out
 
 
 def refresh_model_lists(model: torch.nn.Module, config: Any, before: Mapping[str, list]) -> None:
