@@ -30,6 +30,7 @@ SAMPLE = {
     "gpt2": ("copy", "avg", "opt"),         # named spec (Conv1D), the gpt2 style
     "gemma3": ("copy", "avg", "opt"),       # multimodal: the Gemma-3 text spec on model.language_model
     "llava": ("copy", "avg", "opt"),        # multimodal, image-text-to-text only
+    "gemma4_text": ("copy", "avg", "opt"),  # packed per-layer input embeddings [vocab, L * D] outside the stack
 }
 
 
@@ -107,3 +108,28 @@ def test_deepseek_v3_mla_latent_ranks_and_experts_are_proven_units():
     ref = census.logits(model, ids)
     rec = census.run_method(model, ids, ref, "opt", save=False)
     assert rec["status"] == "fp" and rec["cache"], rec
+
+
+def test_packed_per_layer_tensors_follow_their_layers():
+    """Gemma-4 packs one block of ``hidden_size_per_layer_input`` columns per layer into tensors outside
+    the stack (``embed_tokens_per_layer``, ``per_layer_model_projection``): after the upscale position
+    ``i`` holds the block of the layer it was made from, so base layers read what they read before."""
+    import torch
+
+    model, ids, ref, _ = census.build_tiny("gemma4_text")
+    d = model.config.hidden_size_per_layer_input
+    emb = model.model.embed_tokens_per_layer.weight.detach().clone()
+    proj = model.model.per_layer_model_projection.weight.detach().clone()
+    DepthUpscaler(model).upscale(method="copy", num_layers=6, progress=False)
+    new_emb, new_proj = model.model.embed_tokens_per_layer, model.model.per_layer_model_projection
+    assert new_emb.weight.shape == (emb.shape[0], 6 * d) and new_emb.embedding_dim == 6 * d
+    assert new_proj.weight.shape == (6 * d, proj.shape[1]) and new_proj.out_features == 6 * d
+    from hf_deepen import new_layer_indices
+
+    new = set(new_layer_indices(model))
+    base_positions = [i for i in range(6) if i not in new]
+    for j, i in enumerate(base_positions):  # base layer j now at position i
+        assert torch.equal(new_emb.weight[:, i * d:(i + 1) * d], emb[:, j * d:(j + 1) * d])
+        assert torch.equal(new_proj.weight[i * d:(i + 1) * d], proj[j * d:(j + 1) * d])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.float(), ref, atol=1e-5, rtol=1e-5)

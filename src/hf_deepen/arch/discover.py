@@ -228,6 +228,9 @@ class DiscoveredSpec(ArchSpec):
         from .spec import ArchitectureWarning
 
         refresh_model_lists(model, self.layer_config(model.config), self.extra.get("lists_before", {}))
+        packed = self.extra.pop("outer_layer_slices", None)
+        if packed is not None:
+            slice_outer_tensors(model, *packed)
         routed = []
         for name, attr, value, preserved in self.extra.pop("model_index_sets", []):
             try:
@@ -379,12 +382,19 @@ def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
     after = whole_fresh.state_dict()
     outer = [(k, tuple(v.shape), tuple(after[k].shape)) for k, v in whole_before.state_dict().items()
              if not k.startswith(inside) and k in after and after[k].shape != v.shape]
-    if outer:
-        k, a, b = outer[0]
+    # packed per-layer tensors (Gemma-3n / Gemma-4's per-layer input embeddings, [vocab, L * D] and
+    # the projection to them): one dimension of L * D for L layers, layer-major, sliced by the plan
+    L, L2 = plan.base_num_layers, plan.num_layers
+    slices = [(k, d, a[d] // L) for k, a, b in outer if len(a) == len(b)
+              for d in [next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)]
+              if sum(x != y for x, y in zip(a, b)) == 1 and a[d] % L == 0 and b[d] == a[d] // L * L2]
+    spec.extra["outer_layer_slices"] = (plan, slices) if len(slices) == len(outer) and slices else None
+    if outer and spec.extra["outer_layer_slices"] is None:
+        k, a, b = next(o for o in outer if o[0] not in {s[0] for s in slices})
         raise UnsupportedArchitectureError(
             f"{spec.name}: tensors outside the decoder stack are sized by the layer count ({k}: {list(a)} for"
-            f" {plan.base_num_layers} layers, {list(b)} for {plan.num_layers}; per-layer input embeddings);"
-            " hf_deepen inserts blocks only, so the model would not run. Not supported for this family"
+            f" {plan.base_num_layers} layers, {list(b)} for {plan.num_layers}, not as one block of rows or columns"
+            " per layer); hf_deepen cannot tell which part belongs to which layer. Not supported for this family"
         )
     spec.extra["model_index_sets"] = model_index_sets(whole_before, whole_fresh, spec.layers_path, plan)
     if getattr(spec, "rebuilds_layers", False):  # after_surgery rebuilds each new layer to its index's modules
@@ -402,6 +412,30 @@ def check_rebuild(spec: ArchSpec, cls: type, plan: Any, config: Any) -> None:
                 " (a period / offset or a count of leading layers in the config), not from a per-layer list, so the saved model would not reload"
                 " as upscaled. Not supported for this family (choose num_layers / positions that keep the pattern)"
             )
+
+
+def slice_outer_tensors(model: torch.nn.Module, plan: Any, slices: list[tuple[str, int, int]]) -> None:
+    """Rewrite each packed per-layer tensor outside the stack (``(name, dim, D)``: ``dim`` holds one
+    block of ``D`` per layer, layer-major) for the new stack: position ``i`` gets the block of the layer
+    it was made from (``plan.layers[i].sources[0]``), so base layers read what they read before and a
+    new layer its source's. The owning module's size attributes follow (``embedding_dim``,
+    ``out_features`` / ``in_features``)."""
+    idx = torch.tensor([s.sources[0] for s in plan.layers])
+    for name, dim, d in slices:
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        old = getattr(mod, attr)
+        shape = list(old.shape)
+        blocks = old.detach().reshape(*shape[:dim], plan.base_num_layers, d, *shape[dim + 1:])
+        new = blocks.index_select(dim, idx.to(old.device)).reshape(*shape[:dim], plan.num_layers * d, *shape[dim + 1:])
+        if isinstance(old, torch.nn.Parameter):
+            setattr(mod, attr, torch.nn.Parameter(new.contiguous(), requires_grad=old.requires_grad))
+        else:
+            setattr(mod, attr, new.contiguous())
+        if isinstance(mod, torch.nn.Embedding) and dim == 1:
+            mod.embedding_dim = new.shape[1]
+        elif isinstance(mod, torch.nn.Linear) and attr == "weight":
+            mod.out_features, mod.in_features = new.shape[0], new.shape[1]
 
 
 def model_index_sets(before: torch.nn.Module, fresh: torch.nn.Module, layers_path: str, plan: Any) -> list[tuple]:
