@@ -74,7 +74,7 @@ class ResolvedRun:
     zero_target: str | None  #: "outputs" / "post_norm"; None without zero-init
     function_preserving: bool
     base_model: str | None
-    #: align_on="activations": base layer -> captured activations (in memory only)
+    #: align_on="activations": base layer -> captured activations (both paths: streaming captures them layer by layer)
     activations: Mapping[int, Any] | None = None
     #: seconds spent resolving (layout calibration, activation capture), copied into the report
     seconds: Mapping[str, float] = field(default_factory=dict)
