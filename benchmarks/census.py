@@ -510,8 +510,8 @@ def write_doc(rows: list[dict], summary: dict, meta: dict) -> None:
     lines.append("")
     lines.append("An `ok` for copy / avg / opt says why the logits changed (reason column: `not fp: ...`): a block"
                  " that no zero-init makes the identity (post-LN, a scaled or normed residual), or per-layer"
-                 " constants computed from the layer index or count (DiffLlama's `lambda_init`, MiniCPM's residual"
-                 " scale). Unexplained: " + ", ".join(f"{m} {summary[m].get('ok_unexplained', '?')}"
+                 " constants computed from the layer index (DiffLlama's `lambda_init`, MiniMax's decay slopes)."
+                 " Unexplained: " + ", ".join(f"{m} {summary[m].get('ok_unexplained', '?')}"
                                                     for m in METHODS if m != "solar") + ".")
     lines += ["", "| `model_type` | spec | copy | avg | opt | solar | reason (first refusal or crash) |", "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -28,6 +28,9 @@ FIXED = {
     "deepseek_v3": "MLA: the census builder left qk_head_dim stale (the tiny model did not build)",
     "lfm2_moe": "num_dense_layers counts the leading dense layers: it grows with the dense copies",
     "lfm3": "its rotary module's layer_types is not a copy of the config list: left alone",
+    "minicpm3": "residual_scale = scale_depth / sqrt(num_hidden_layers): folded into the residual writers",
+    "bart": "post-LN decoder whose cross-attention never runs as a causal LM: neutralised in the new layer",
+    "gemma4_text": "per-layer input embeddings packed [vocab, L * D] outside the stack: sliced by the plan",
 }
 
 
@@ -111,3 +114,21 @@ def test_repeating_block_pattern_is_written_out_for_the_new_stack():
     kinds = ["attention" if hasattr(layer.temporal_block, "o_proj") else "recurrent" for layer in up.model.layers]
     assert up.config.layers_block_type == [
         "sliding_attention" if k == "attention" else "linear_attention" for k in kinds]
+
+
+def test_count_derived_branch_scale_is_folded_into_the_writers():
+    """MiniCPM3 multiplies each residual branch by ``scale_depth / sqrt(num_hidden_layers)``: 4 -> 6
+    layers shrinks it by sqrt(4 / 6) in every block, so each base block's residual writers grow by
+    sqrt(6 / 4) and the block computes what it did (the new constant is what a reload builds)."""
+    import copy
+    import math
+
+    import torch
+
+    model, ids, ref, _ = census.build_tiny("minicpm3")
+    before = copy.deepcopy(model)
+    DepthUpscaler(model).upscale(method="copy", positions=[1, 2], progress=False)
+    layers, old = model.model.layers, before.model.layers
+    assert math.isclose(layers[0].residual_scale, old[0].residual_scale * math.sqrt(4 / 6))
+    torch.testing.assert_close(layers[0].self_attn.o_proj.weight, old[0].self_attn.o_proj.weight * math.sqrt(6 / 4))
+    torch.testing.assert_close(layers[0].self_attn.q_a_proj.weight, old[0].self_attn.q_a_proj.weight, atol=0, rtol=0)

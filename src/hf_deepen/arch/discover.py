@@ -246,9 +246,11 @@ class DiscoveredSpec(ArchSpec):
                 " function preserving: choose positions that keep them",
                 ArchitectureWarning, stacklevel=3,
             )
-        changed = refresh_constants(layers, self.layer_config(model.config))
+        details: list[tuple] = []
+        changed = refresh_constants(layers, self.layer_config(model.config), details)
+        folded = fold_branch_scales(model, layers, self.layer_config(model.config), details, self.facts)
+        changed = [c for c in changed if int(c.split(".", 1)[0]) not in folded]
         if changed:
-
             warnings.warn(
                 f"{self.name}: blocks compute constants from their index ({', '.join(changed[:4])}"
                 f"{', ...' if len(changed) > 4 else ''}); they were updated for the new positions, so layers that moved"
@@ -483,8 +485,9 @@ def refresh_model_lists(model: torch.nn.Module, config: Any, before: Mapping[str
                     setattr(mod, name, type(vars(mod)[name])(val))
 
 
-def refresh_constants(layers: torch.nn.ModuleList, config: Any) -> list[str]:
-    """See :meth:`DiscoveredSpec.after_surgery`; returns ``"i.module.attr"`` for each value changed."""
+def refresh_constants(layers: torch.nn.ModuleList, config: Any, details: list | None = None) -> list[str]:
+    """See :meth:`DiscoveredSpec.after_surgery`; returns ``"i.module.attr"`` for each value changed
+    (and appends ``(i, module, attr, old, new)`` to ``details``)."""
     import inspect
 
     changed = []
@@ -509,9 +512,70 @@ def refresh_constants(layers: torch.nn.ModuleList, config: Any) -> list[str]:
                 if attr.startswith("_") or not isinstance(val, _SCALARS) or attr == "training":
                     continue
                 if attr in vars(mod) and type(vars(mod)[attr]) is type(val) and vars(mod)[attr] != val:
+                    if details is not None:
+                        details.append((i, name, attr, vars(mod)[attr], val))
                     setattr(mod, attr, val)
                     changed.append(f"{i}.{name}.{attr}")
     return changed
+
+
+def fold_branch_scales(model: torch.nn.Module, layers: torch.nn.ModuleList, config: Any, details: list[tuple],
+                       facts: Mapping[Any, Any]) -> set[int]:
+    """Constants computed from the layer *count* that scale a block's residual branches (MiniCPM3's
+    ``residual_scale = scale_depth / sqrt(num_hidden_layers)``) change for every block when the stack
+    grows. Where one float constant of a block changes from ``old`` to ``new`` and multiplying the
+    block's residual writers (the tensors zero-init zeroes, found by probing) by ``old / new`` gives
+    the block's old output on its captured input (checked, to 1e-5 relative), the writers are scaled:
+    the block computes what it did, also after a reload. Returns the layers so folded; the others
+    keep the new constant (and the caller warns)."""
+    by_layer: dict[int, list[tuple]] = {}
+    for i, name, attr, old, new in details:
+        by_layer.setdefault(i, []).append((name, attr, old, new))
+    cand = {}
+    for i, ch in by_layer.items():
+        ratios = {old / new for _, _, old, new in ch if isinstance(old, float) and isinstance(new, float) and new}
+        if len(ratios) == 1 and all(isinstance(o, float) for _, _, o, _ in ch):
+            f = facts.get(signature(layers[i].state_dict()))
+            if f is not None and f.writers:
+                cand[i] = (ratios.pop(), ch, f.writers)
+    if not cand:
+        return set()
+    calls = capture_calls(model, layers, config)
+    folded = set()
+    for i, (r, ch, writers) in cand.items():
+        if i not in calls:
+            continue
+        layer = layers[i]
+        params = dict(layer.named_parameters())
+        if not all(w in params for w in writers):
+            continue
+        args, kwargs = calls[i]
+
+        def run() -> Tensor | None:
+            with torch.no_grad():
+                try:
+                    return _hidden(layer(*args, **kwargs))
+                except Exception:  # noqa: BLE001
+                    return None
+
+        for name, attr, old, _ in ch:
+            setattr(layer.get_submodule(name) if name else layer, attr, old)
+        want = run()
+        for name, attr, _, new in ch:
+            setattr(layer.get_submodule(name) if name else layer, attr, new)
+        saved = {w: params[w].detach().clone() for w in writers}
+        with torch.no_grad():
+            for w in writers:
+                params[w].mul_(r)
+        got = run()
+        if want is not None and got is not None and got.shape == want.shape and \
+                float((got.float() - want.float()).abs().max()) <= 1e-5 * (1.0 + float(want.float().abs().max())):
+            folded.add(i)
+        else:
+            with torch.no_grad():
+                for w in writers:
+                    params[w].copy_(saved[w])
+    return folded
 
 
 class _Nested:
