@@ -120,7 +120,7 @@ def test_naive_post_ln_construction_is_not_the_identity():
         st[f"{norm}.weight"] = state[f"{lay.out_norm}.weight"]
         st[f"{norm}.bias"] = state[f"{lay.out_norm}.bias"]
     naive.load_state_dict(st)
-    y = encoder._run(naive, encoder._with_hidden(calls[2], x))
+    y = encoder.run_block(naive, encoder._with_hidden(calls[2], x))
     assert (y - x).abs().max() > 1e-2  # LN(g * n + b) != g * n + b
 
     # the reparametrisation: p outputs n (plain norm), the new layer puts g_p, b_p back
@@ -128,9 +128,9 @@ def test_naive_post_ln_construction_is_not_the_identity():
     new.load_state_dict(post_ln_state(state, state, lay))
     plain_p = copy.deepcopy(p)
     encoder.make_plain(plain_p, lay)
-    n = encoder._run(plain_p, calls[1])
+    n = encoder.run_block(plain_p, calls[1])
     assert (n - x).abs().max() > 1e-2  # the hidden state between the two does change
-    y = encoder._run(new, encoder._with_hidden(calls[2], n))
+    y = encoder.run_block(new, encoder._with_hidden(calls[2], n))
     torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
 
 

@@ -115,8 +115,9 @@ def auto_layout_ids(cfg: Any, config: Any, calibration: Any, tokenizer: Any) -> 
     source = "the given calibration"
     if calibration is None:
         calibration, source = default_calibration_text(), DEFAULT_CALIBRATION
-    seq_len = min(256, getattr(config, "max_position_embeddings", None) or 256)
-    return calibration_block_ids(tokenizer, calibration, cfg.calibration_tokens, seq_len), source
+    from .align.activations import calibration_seq_len
+
+    return calibration_block_ids(tokenizer, calibration, cfg.calibration_tokens, calibration_seq_len(config)), source
 
 
 def auto_scores(bi: Sequence[float], cfg: Any, ids: torch.Tensor, source: str) -> tuple[list[float], str | None]:

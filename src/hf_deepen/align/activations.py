@@ -98,6 +98,11 @@ def calibration_ids(tokenizer: Any, calibration: Any, num_tokens: int, seq_len: 
     return ids[: n * seq_len].view(n, seq_len)
 
 
+def calibration_seq_len(config: Any) -> int:
+    """Calibration block length: 256 tokens, or the model's context if shorter."""
+    return min(256, getattr(config, "max_position_embeddings", None) or 256)
+
+
 def activation_ids(cfg: Any, config: Any, calibration: Any, tokenizer: Any) -> Tensor:
     """The token ids of an ``align_on="activations"`` run (``calibration`` is required)."""
     if calibration is None:
@@ -105,8 +110,7 @@ def activation_ids(cfg: Any, config: Any, calibration: Any, tokenizer: Any) -> T
             "align_on='activations' needs calibration text: upscale(calibration=[...texts...]) (or token ids);"
             " on the command line --calibration FILE"
         )
-    seq_len = min(256, getattr(config, "max_position_embeddings", None) or 256)
-    return calibration_ids(tokenizer, calibration, cfg.calibration_tokens, seq_len)
+    return calibration_ids(tokenizer, calibration, cfg.calibration_tokens, calibration_seq_len(config))
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -247,9 +248,9 @@ class DiscoveredSpec(ArchSpec):
                 ArchitectureWarning, stacklevel=3,
             )
         details: list[tuple] = []
-        changed = refresh_constants(layers, self.layer_config(model.config), details)
+        refresh_constants(layers, self.layer_config(model.config), details)
         folded = fold_branch_scales(model, layers, self.layer_config(model.config), details, self.facts)
-        changed = [c for c in changed if int(c.split(".", 1)[0]) not in folded]
+        changed = [f"{i}.{name}.{attr}" for i, name, attr, _, _ in details if i not in folded]
         if changed:
             warnings.warn(
                 f"{self.name}: blocks compute constants from their index ({', '.join(changed[:4])}"
@@ -549,25 +550,16 @@ def fold_branch_scales(model: torch.nn.Module, layers: torch.nn.ModuleList, conf
         params = dict(layer.named_parameters())
         if not all(w in params for w in writers):
             continue
-        args, kwargs = calls[i]
-
-        def run() -> Tensor | None:
-            with torch.no_grad():
-                try:
-                    return _hidden(layer(*args, **kwargs))
-                except Exception:  # noqa: BLE001
-                    return None
-
         for name, attr, old, _ in ch:
             setattr(layer.get_submodule(name) if name else layer, attr, old)
-        want = run()
+        want = run_block(layer, calls[i])
         for name, attr, _, new in ch:
             setattr(layer.get_submodule(name) if name else layer, attr, new)
         saved = {w: params[w].detach().clone() for w in writers}
         with torch.no_grad():
             for w in writers:
                 params[w].mul_(r)
-        got = run()
+        got = run_block(layer, calls[i])
         if want is not None and got is not None and got.shape == want.shape and \
                 float((got.float() - want.float()).abs().max()) <= 1e-5 * (1.0 + float(want.float().abs().max())):
             folded.add(i)
@@ -787,6 +779,16 @@ def _hidden(out: Any) -> Tensor | None:
         return None
 
 
+def run_block(block: torch.nn.Module, call: tuple) -> Tensor | None:
+    """``block``'s hidden-state output on its captured ``(args, kwargs)``, without grad; None if it fails."""
+    args, kwargs = call
+    with torch.no_grad():
+        try:
+            return _hidden(block(*args, **kwargs))
+        except Exception:  # noqa: BLE001 - a block that cannot run this way
+            return None
+
+
 def _clone(x: Any) -> Any:
     return x.clone() if isinstance(x, torch.Tensor) else x
 
@@ -866,13 +868,7 @@ def _probe_block(block: torch.nn.Module, call: tuple, config: Any) -> LayerFacts
     hooks = [m.register_forward_pre_hook(seen) for m in block.modules()]
     was = block.training
     block.eval()
-
-    def run() -> Tensor | None:
-        with torch.no_grad():
-            try:
-                return _hidden(block(*args, **kwargs))
-            except Exception:  # noqa: BLE001
-                return None
+    run = functools.partial(run_block, block, call)
 
     try:
         g = torch.Generator().manual_seed(1)

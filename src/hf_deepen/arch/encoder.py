@@ -70,7 +70,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..errors import UnsupportedArchitectureError
-from .discover import DiscoveredSpec, _hidden, capture_calls
+from .discover import DiscoveredSpec, _hidden, capture_calls, run_block
 
 Tensor = torch.Tensor
 
@@ -162,7 +162,7 @@ def find_post_ln(block: torch.nn.Module, call: tuple) -> tuple[PostLN | None, st
     hooks = [m.register_forward_pre_hook(pre) for m in mods.values()]
     hooks += [m.register_forward_hook(post) for m in mods.values()]
     try:
-        y = _run(blk, call)
+        y = run_block(blk, call)
     finally:
         for h in hooks:
             h.remove()
@@ -195,14 +195,14 @@ def find_post_ln(block: torch.nn.Module, call: tuple) -> tuple[PostLN | None, st
         for _, _, keys in groups:
             for k in keys:
                 params[k].zero_()
-        if not _close(_run(blk, call), target()):
+        if not _close(run_block(blk, call), target()):
             return None, (f"zeroing every parameter but the norms does not leave {' o '.join(reversed(norms))}(x):"
                           " something writes to the residual stream without a parameter to zero")
         writers: list[str] = []
         for _, _, keys in groups:  # give each group back, in the order the block runs them
             for k in keys:
                 params[k].copy_(perturbed[k])
-            if not _close(_run(blk, call), target()):
+            if not _close(run_block(blk, call), target()):
                 for k in keys:
                     params[k].zero_()
                 writers.extend(keys)
@@ -286,15 +286,6 @@ def _as_float(call: tuple) -> tuple:
     return tuple(f(a) for a in args), {k: f(v) for k, v in kwargs.items()}
 
 
-def _run(block: torch.nn.Module, call: tuple) -> Tensor | None:
-    args, kwargs = call
-    with torch.no_grad():
-        try:
-            return _hidden(block(*args, **kwargs))
-        except Exception:  # noqa: BLE001
-            return None
-
-
 def check_post_ln(layers: torch.nn.ModuleList, calls: Mapping[int, tuple], lay: PostLN) -> float | None:
     """Max relative difference between ``p(x)`` and ``new(plain_p(x))`` on one block with perturbed
     weights (``None`` if it could not run). Layer 1 is used when there is one: its input is a
@@ -310,15 +301,15 @@ def check_post_ln(layers: torch.nn.ModuleList, calls: Mapping[int, tuple], lay: 
         for p in block.parameters():
             if p.is_floating_point():
                 p.add_(torch.randn(p.shape, generator=g).to(p) * 0.3 * (float(p.abs().mean()) + 0.1))
-    y_ref = _run(block, calls[i])
+    y_ref = run_block(block, calls[i])
     state = {k: v.detach().clone() for k, v in block.state_dict().items()}
     new = copy.deepcopy(block)
     new.load_state_dict(post_ln_state(state, state, lay))
     make_plain(block, lay)
-    mid = _run(block, calls[i])
+    mid = run_block(block, calls[i])
     if y_ref is None or mid is None:
         return None
-    y = _run(new, _with_hidden(calls[i], mid))
+    y = run_block(new, _with_hidden(calls[i], mid))
     if y is None or y.shape != y_ref.shape:
         return None
     return float((y.float() - y_ref.float()).abs().max()) / (1.0 + float(y_ref.float().abs().max()))
