@@ -510,7 +510,7 @@ def write_doc(rows: list[dict], summary: dict, meta: dict) -> None:
     lines.append("")
     lines.append("An `ok` for copy / avg / opt says why the logits changed (reason column: `not fp: ...`): a block"
                  " that no zero-init makes the identity (post-LN, a scaled or normed residual), or per-layer"
-                 " constants computed from the layer index (DiffLlama's `lambda_init`, MiniMax's decay slopes)."
+                 " constants computed from the layer index that no fold settles."
                  " Unexplained: " + ", ".join(f"{m} {summary[m].get('ok_unexplained', '?')}"
                                                     for m in METHODS if m != "solar") + ".")
     lines += ["", "| `model_type` | spec | copy | avg | opt | solar | reason (first refusal or crash) |", "|---|---|---|---|---|---|---|"]

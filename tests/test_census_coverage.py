@@ -31,6 +31,8 @@ FIXED = {
     "minicpm3": "residual_scale = scale_depth / sqrt(num_hidden_layers): folded into the residual writers",
     "bart": "post-LN decoder whose cross-attention never runs as a causal LM: neutralised in the new layer",
     "gemma4_text": "per-layer input embeddings packed [vocab, L * D] outside the stack: sliced by the plan",
+    "diffllama": "lambda_init from the layer index: a moved layer's lambda_q and o_proj absorb the change",
+    "longcat_flash": "num_hidden_layers counts two attention sublayers per block: the stack is num_layers long",
 }
 
 
@@ -76,10 +78,11 @@ def test_heterogeneous_overrides_move_with_their_layers():
         assert layer.self_attn.head_dim == cfg.per_layer_config[i].head_dim
 
 
-@pytest.mark.parametrize("model_type", ["jamba", "dory", "xlm"])
+@pytest.mark.parametrize("model_type", ["jamba", "xlm"])
 def test_typed_refusal_before_any_change(model_type):
-    """jamba: layer kinds from attn_layer_period/offset; dory: input/recurrent/output layer counts that
-    must add up; xlm: one layer split over parallel ModuleLists. None can run or reload as upscaled.
+    """jamba: layer kinds from attn_layer_period/offset; xlm: one layer split over parallel ModuleLists.
+    Neither can run or reload as upscaled. (Dory's layer groups that must add up were refused here;
+    they now grow with their layers: test_layer_groups_that_add_up_grow_with_their_layers.)
     (Gemma-4's per-layer input embeddings, sized by the layer count, were refused here; they are now
     sliced by the plan: tests/test_census.py.)"""
     model, ids, ref, _ = census.build_tiny(model_type)
@@ -132,3 +135,74 @@ def test_count_derived_branch_scale_is_folded_into_the_writers():
     assert math.isclose(layers[0].residual_scale, old[0].residual_scale * math.sqrt(4 / 6))
     torch.testing.assert_close(layers[0].self_attn.o_proj.weight, old[0].self_attn.o_proj.weight * math.sqrt(6 / 4))
     torch.testing.assert_close(layers[0].self_attn.q_a_proj.weight, old[0].self_attn.q_a_proj.weight, atol=0, rtol=0)
+
+
+def test_index_derived_lambda_is_compensated_in_the_moved_layers():
+    """DiffLlama's ``lambda_init = 0.8 - 0.6 exp(-0.3 i)`` comes from the index: a base layer that moves
+    from ``i`` to ``j`` gets the constant a reload builds at ``j``, and its parameters absorb the change
+    (one ``lambda_q`` along its ``lambda_k``, ``o_proj`` by ``(1 - old) / (1 - new)``), so its output on
+    the same input is what it was."""
+    import copy
+
+    import torch
+    from transformers.models.diffllama.modeling_diffllama import lambda_init_fn
+
+    model, ids, ref, _ = census.build_tiny("diffllama")
+    before = copy.deepcopy(model)
+    DepthUpscaler(model).upscale(method="copy", positions=[0, 1], progress=False)
+    layers, old = model.model.layers, before.model.layers
+    for j, layer in enumerate(layers):
+        assert layer.self_attn.lambda_init == lambda_init_fn(j)
+    # base layers 1, 2, 3 now sit at 2, 4, 5: their constants moved, their tensors absorbed it
+    assert not torch.equal(layers[4].self_attn.o_proj.weight, old[2].self_attn.o_proj.weight)
+    torch.testing.assert_close(layers[4].self_attn.q_proj.weight, old[2].self_attn.q_proj.weight, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.float(), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_constants_the_forward_never_reads_are_not_reported():
+    """MiniMax's lightning attention keeps ``num_hidden_layers`` only to compute its decay slopes at
+    construction; the slopes are persistent buffers, so a moved layer keeps its own (a reload loads
+    them). Its forward never reads the refreshed constant (traced), so no constants warning: the
+    upscale is still not function preserving, for the true reason (the residual is taken after the
+    norm), which the report states."""
+    import copy
+    import warnings
+
+    import torch
+
+    from hf_deepen.arch.spec import ArchitectureWarning
+
+    model, _, _, _ = census.build_tiny("minimax")
+    before = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        up = DepthUpscaler(model)
+        up.upscale(method="copy", positions=[0, 1], progress=False)
+    said = [str(w.message) for w in caught if issubclass(w.category, ArchitectureWarning)]
+    assert not any("constants from their index" in m for m in said), said
+    assert up.report.function_preserving is False
+    lin = [j for j, layer in enumerate(model.model.layers) if hasattr(layer.self_attn, "slope_rate")]
+    assert lin and all(model.model.layers[j].self_attn.num_hidden_layers == 6 for j in lin)
+    # base layer 3 (linear attention) is now at position 5 with its own slopes
+    torch.testing.assert_close(model.model.layers[5].self_attn.slope_rate, before.model.layers[3].self_attn.slope_rate,
+                               atol=0, rtol=0)
+
+
+def test_layer_groups_that_add_up_grow_with_their_layers(tmp_path):
+    """Dory's config requires ``n_input_layers + n_recurrent_layers + n_output_layers`` to equal the
+    layer count (the recurrent group runs in loops): each group grows by the new layers made from its
+    layers, and the deeper model saves and reloads as Dory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, ids, _, _ = census.build_tiny("dory")
+    c = model.config
+    assert (c.n_input_layers, c.n_recurrent_layers, c.n_output_layers) == (1, 2, 1)
+    DepthUpscaler(model).upscale(method="copy", positions=[1, 2], progress=False)  # after layers 1 and 2
+    assert (c.n_input_layers, c.n_recurrent_layers, c.n_output_layers, c.num_hidden_layers) == (1, 4, 1, 6)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(again) is type(model) and again.config.n_recurrent_layers == 4
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

@@ -207,6 +207,17 @@ class DiscoveredSpec(ArchSpec):
             if not any(kinds[k:]):  # otherwise left as is: the rebuild check refuses the plan
                 setattr(config, name, k)
                 owned.append(name)
+        sections = self.extra.get("section_counts", ())  # contiguous groups that add up (Dory's input/recurrent/output)
+        if sections:
+            bounds, at = [], 0
+            for name in sections:
+                at += getattr(config, name)
+                bounds.append(at)
+            group = [next(g for g, b in enumerate(bounds) if s < b) for s in sources]
+            if group == sorted(group):  # otherwise left as is: the rebuild check refuses the plan
+                for g, name in enumerate(sections):
+                    setattr(config, name, group.count(g))
+                owned += list(sections)
         for name in self.extra.get("pattern_lists", ()):  # a repeating pattern (RecurrentGemma's block_types)
             old = list(getattr(config, name))
             setattr(config, name, [old[s % len(old)] for s in sources])  # written out in full for the new stack
@@ -220,10 +231,9 @@ class DiscoveredSpec(ArchSpec):
         return tuple(owned)
 
     def after_surgery(self, model: Any, layers: Any) -> None:
-        """Per-layer constants a block computes from its index or the config at construction (DiffLlama's
-        ``lambda_init``, a sliding window by layer type): each block is rebuilt on the meta device
-        with the new config and index, and every scalar attribute that differs is taken from it, so the
-        model in memory is the one ``from_pretrained`` rebuilds from the saved config."""
+        """Model-level lists and index sets follow the plan; per-layer constants a block computes from
+        its index or the layer count are refreshed and, where the block's forward reads them, settled so
+        the block still computes what it did (:mod:`.constants`); what cannot be settled is warned about."""
         import warnings
 
         from .spec import ArchitectureWarning
@@ -247,10 +257,9 @@ class DiscoveredSpec(ArchSpec):
                 " function preserving: choose positions that keep them",
                 ArchitectureWarning, stacklevel=3,
             )
-        details: list[tuple] = []
-        refresh_constants(layers, self.layer_config(model.config), details)
-        folded = fold_branch_scales(model, layers, self.layer_config(model.config), details, self.facts)
-        changed = [f"{i}.{name}.{attr}" for i, name, attr, _, _ in details if i not in folded]
+        from .constants import settle_constants
+
+        changed = settle_constants(model, layers, self.layer_config(model.config), self.facts)
         if changed:
             warnings.warn(
                 f"{self.name}: blocks compute constants from their index ({', '.join(changed[:4])}"
@@ -340,9 +349,6 @@ class DiscoveredSpec(ArchSpec):
                 if k in out:
                     out[k] = torch.full_like(out[k], v)
         return FusionResult(out, diag)
-
-
-_SCALARS = (int, float, bool, str)
 
 
 def _first_line(e: Exception) -> str:
@@ -486,90 +492,6 @@ def refresh_model_lists(model: torch.nn.Module, config: Any, before: Mapping[str
                     setattr(mod, name, type(vars(mod)[name])(val))
 
 
-def refresh_constants(layers: torch.nn.ModuleList, config: Any, details: list | None = None) -> list[str]:
-    """See :meth:`DiscoveredSpec.after_surgery`; returns ``"i.module.attr"`` for each value changed
-    (and appends ``(i, module, attr, old, new)`` to ``details``)."""
-    import inspect
-
-    changed = []
-    for i, layer in enumerate(layers):
-        try:
-            params = list(inspect.signature(type(layer).__init__).parameters)
-        except (TypeError, ValueError):
-            return changed
-        if len(params) < 3 or params[2] not in ("layer_idx", "layer_id", "layer_index"):
-            return changed  # not built as cls(config, layer_idx): leave it
-        try:
-            with torch.device("meta"):
-                fresh = type(layer)(config, i)
-        except Exception:  # noqa: BLE001 - a block not built as cls(config, layer_idx): leave it
-            return changed
-        mods = dict(fresh.named_modules())
-        for name, mod in layer.named_modules():
-            ref = mods.get(name)
-            if ref is None or type(ref) is not type(mod):
-                continue
-            for attr, val in vars(ref).items():
-                if attr.startswith("_") or not isinstance(val, _SCALARS) or attr == "training":
-                    continue
-                if attr in vars(mod) and type(vars(mod)[attr]) is type(val) and vars(mod)[attr] != val:
-                    if details is not None:
-                        details.append((i, name, attr, vars(mod)[attr], val))
-                    setattr(mod, attr, val)
-                    changed.append(f"{i}.{name}.{attr}")
-    return changed
-
-
-def fold_branch_scales(model: torch.nn.Module, layers: torch.nn.ModuleList, config: Any, details: list[tuple],
-                       facts: Mapping[Any, Any]) -> set[int]:
-    """Constants computed from the layer *count* that scale a block's residual branches (MiniCPM3's
-    ``residual_scale = scale_depth / sqrt(num_hidden_layers)``) change for every block when the stack
-    grows. Where one float constant of a block changes from ``old`` to ``new`` and multiplying the
-    block's residual writers (the tensors zero-init zeroes, found by probing) by ``old / new`` gives
-    the block's old output on its captured input (checked, to 1e-5 relative), the writers are scaled:
-    the block computes what it did, also after a reload. Returns the layers so folded; the others
-    keep the new constant (and the caller warns)."""
-    by_layer: dict[int, list[tuple]] = {}
-    for i, name, attr, old, new in details:
-        by_layer.setdefault(i, []).append((name, attr, old, new))
-    cand = {}
-    for i, ch in by_layer.items():
-        ratios = {old / new for _, _, old, new in ch if isinstance(old, float) and isinstance(new, float) and new}
-        if len(ratios) == 1 and all(isinstance(o, float) for _, _, o, _ in ch):
-            f = facts.get(signature(layers[i].state_dict()))
-            if f is not None and f.writers:
-                cand[i] = (ratios.pop(), ch, f.writers)
-    if not cand:
-        return set()
-    calls = capture_calls(model, layers, config)
-    folded = set()
-    for i, (r, ch, writers) in cand.items():
-        if i not in calls:
-            continue
-        layer = layers[i]
-        params = dict(layer.named_parameters())
-        if not all(w in params for w in writers):
-            continue
-        for name, attr, old, _ in ch:
-            setattr(layer.get_submodule(name) if name else layer, attr, old)
-        want = run_block(layer, calls[i])
-        for name, attr, _, new in ch:
-            setattr(layer.get_submodule(name) if name else layer, attr, new)
-        saved = {w: params[w].detach().clone() for w in writers}
-        with torch.no_grad():
-            for w in writers:
-                params[w].mul_(r)
-        got = run_block(layer, calls[i])
-        if want is not None and got is not None and got.shape == want.shape and \
-                float((got.float() - want.float()).abs().max()) <= 1e-5 * (1.0 + float(want.float().abs().max())):
-            folded.add(i)
-        else:
-            with torch.no_grad():
-                for w in writers:
-                    params[w].copy_(saved[w])
-    return folded
-
-
 class _Nested:
     """Mixin: a named spec moved to a wrapper's nested language model (config from ``config_path``)."""
 
@@ -613,17 +535,34 @@ def _configs(config: Any) -> list[tuple[str, Any]]:
 
 
 def find_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList, str, str]:
-    """``(layers_path, layers, config_path, count_field)`` of the decoder stack."""
-    counts = []
+    """``(layers_path, layers, config_path, count_field)`` of the decoder stack. Each config's first
+    count field (:data:`COUNT_FIELDS` order) is tried first; the others only if no stack matches it
+    (LongCat-Flash: ``num_hidden_layers`` counts two attention sublayers per block, ``num_layers`` the
+    blocks)."""
+    first, rest = [], []
     for path, c in _configs(model.config):
+        found = []
         for f in COUNT_FIELDS:
             v = getattr(c, f, None)
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                counts.append((path, f, v))
-                break
+                found.append((path, f, v))
+        first += found[:1]
+        rest += found[1:]
         v = getattr(c, "decoder_layers", None)  # encoder-decoder (BART: num_hidden_layers is encoder_layers)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            counts = [t for t in counts if not (t[0] == path and t[2] == v)] + [(path, "decoder_layers", v)]
+            first = [t for t in first if not (t[0] == path and t[2] == v)] + [(path, "decoder_layers", v)]
+    best = _largest_stack(model, first) or _largest_stack(model, rest)
+    if best is None:
+        found = ", ".join(f"{p + '.' if p else ''}{f}={v}" for p, f, v in first) or "none found"
+        raise UnsupportedArchitectureError(
+            f"model_type {getattr(model.config, 'model_type', None)!r}: no ModuleList of blocks whose length is the"
+            f" layer count of the config ({found});"
+            " pass a spec: DepthUpscaler(model, spec=ArchSpec(...)), see docs/families.md"
+        )
+    return best[1], best[2], best[3], best[4]
+
+
+def _largest_stack(model: torch.nn.Module, counts: list[tuple[str, str, int]]) -> tuple | None:
     best = None
     for name, m in model.named_modules():
         if not isinstance(m, torch.nn.ModuleList) or len(m) == 0:
@@ -638,14 +577,7 @@ def find_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList, str, s
         size = sum(t.numel() for t in m.parameters())
         if best is None or size > best[0]:
             best = (size, name, m, p, f)
-    if best is None:
-        found = ", ".join(f"{p + '.' if p else ''}{f}={v}" for p, f, v in counts) or "none found"
-        raise UnsupportedArchitectureError(
-            f"model_type {getattr(model.config, 'model_type', None)!r}: no ModuleList of blocks whose length is the"
-            f" layer count of the config ({found});"
-            " pass a spec: DepthUpscaler(model, spec=ArchSpec(...)), see docs/families.md"
-        )
-    return best[1], best[2], best[3], best[4]
+    return best
 
 
 def _layer_lists(config: Any, n: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -692,6 +624,34 @@ def _prefix_counts(config: Any, layers: torch.nn.ModuleList, count: str) -> tupl
         if not set(sigs[:v]) & set(sigs[v:]):
             out.append(k)
     return tuple(out)
+
+
+def _section_counts(config: Any, n: int, count: str, per: tuple[str, ...], skip: tuple[str, ...]) -> tuple[str, ...]:
+    """Int fields counting contiguous groups of layers that must add up to the stack (Dory's
+    ``n_input_layers + n_recurrent_layers + n_output_layers``), in the config's declaration order:
+    each group grows by the new layers whose source lies in it. Only where the config refuses a
+    longer stack unless they are updated (its ``validate``)."""
+    cand = [k for k, v in vars(config).items()
+            if not k.startswith("_") and k != count and k not in skip and type(v) is int and 0 <= v <= n
+            and "layers" in k]
+    if len(cand) < 2 or sum(getattr(config, k) for k in cand) != n or not callable(getattr(config, "validate", None)):
+        return ()
+
+    def validates(grown: str | None) -> bool:
+        c = copy.deepcopy(config)
+        setattr(c, count, n + 1)
+        for k in per:
+            v = getattr(c, k)
+            setattr(c, k, type(v)([*v, v[-1]]))
+        if grown is not None:
+            setattr(c, grown, getattr(c, grown) + 1)
+        try:
+            c.validate()
+            return True
+        except Exception:  # noqa: BLE001 - any validation error
+            return False
+
+    return tuple(cand) if not validates(None) and validates(cand[-1]) else ()
 
 
 def _index_attrs(layers: torch.nn.ModuleList) -> tuple[str, ...]:
@@ -754,6 +714,7 @@ def discover_spec(model: torch.nn.Module, why: Exception | None = None) -> ArchS
         extra["also_count"] = ("num_hidden_layers",)  # its encoder_layers: no encoder here, the cache reads it
     extra["pattern_lists"] = _pattern_lists(lc, layers, per)
     extra["prefix_counts"] = _prefix_counts(lc, layers, count)
+    extra["section_counts"] = _section_counts(lc, len(layers), count, per, extra["prefix_counts"])
     facts, sigs = probe(model, layers, lc)
     spec = DiscoveredSpec(
         name=f"discovered:{mt}", model_types=(str(mt),), tensors={}, residual=("*",), layers_path=path,
