@@ -196,13 +196,60 @@ def test_layer_groups_that_add_up_grow_with_their_layers(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model, ids, _, _ = census.build_tiny("dory")
+    model, ids, ref, _ = census.build_tiny("dory")
     c = model.config
     assert (c.n_input_layers, c.n_recurrent_layers, c.n_output_layers) == (1, 2, 1)
-    DepthUpscaler(model).upscale(method="copy", positions=[1, 2], progress=False)  # after layers 1 and 2
+    up = DepthUpscaler(model)
+    up.upscale(method="copy", positions=[1, 2], progress=False)  # after layers 1 and 2
     assert (c.n_input_layers, c.n_recurrent_layers, c.n_output_layers, c.num_hidden_layers) == (1, 4, 1, 6)
+    # nGPT blocks: zero rates make a block the L2 normalisation of its input, which every reader
+    # (the next block, the loop's restart, the final norm) normalises again: function preserving
+    assert up.report.function_preserving is True
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.float(), ref, atol=1e-5, rtol=1e-4)
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(again) is type(model) and again.config.n_recurrent_layers == 4
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_scaled_identity_blocks_are_verified_end_to_end():
+    """Beam's residual adds are depth scaled (``h sqrt((k-1)/k) + f / sqrt(k)``, ``k`` from the index):
+    zero-init makes a block a positive multiple of its input, not the identity. With the refreshed
+    indices every branch keeps an equal weight and every reader is an RMS norm, so the deeper model
+    computes the same; the upscale checks that end to end on a probe, and says so in the report."""
+    import copy
+    import warnings
+
+    import torch
+
+    from hf_deepen.arch.spec import ArchitectureWarning
+
+    model, ids, ref, _ = census.build_tiny("beam")
+    keep = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        up = DepthUpscaler(model)
+        up.upscale(method="copy", num_layers=6, progress=False)
+    assert any(f.scaled for f in up.spec.facts.values())
+    assert not [w for w in caught if issubclass(w.category, ArchitectureWarning)]
+    assert up.report.function_preserving is True
+    assert model.config.hf_deepen["stages"][-1]["function_preserving"] is True
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.float(), ref, atol=1e-5, rtol=1e-4)
+
+    # the same blocks under a final read that is not scale invariant: the check refuses the claim
+    keep.model.norm = torch.nn.Identity()
+    with torch.no_grad():
+        ref2 = keep(ids).logits.float()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        up = DepthUpscaler(keep)
+        up.upscale(method="copy", num_layers=6, progress=False)
+    said = [str(w.message) for w in caught if issubclass(w.category, ArchitectureWarning)]
+    assert any("positive multiple of its input" in m for m in said), said
+    assert up.report.function_preserving is False
+    assert keep.config.hf_deepen["stages"][-1]["function_preserving"] is False
+    with torch.no_grad():
+        assert not census.close(keep(ids).logits.float(), ref2)

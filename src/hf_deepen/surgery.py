@@ -74,8 +74,9 @@ def update_config(config: PretrainedConfig, spec: ArchSpec, plan: DepthPlan) -> 
     setattr(config, spec.count_field, plan.num_layers)
 
 
-def record_provenance(config: PretrainedConfig, run: "ResolvedRun") -> dict[str, Any]:
-    """Append this stage (the resolved run) to ``config.hf_deepen``; earlier stages' new-layer indices are remapped."""
+def record_provenance(config: PretrainedConfig, run: "ResolvedRun", function_preserving: bool | None = None) -> dict[str, Any]:
+    """Append this stage (the resolved run) to ``config.hf_deepen``; earlier stages' new-layer indices are
+    remapped. ``function_preserving``: what the finished upscale found, where it differs from the run's claim."""
     plan, cfg, spec = run.plan, run.cfg, run.spec
     prev = getattr(config, PROVENANCE_KEY, None) or {}
     remap = plan.base_index_map()
@@ -96,7 +97,7 @@ def record_provenance(config: PretrainedConfig, run: "ResolvedRun") -> dict[str,
             **({"layout_reason": plan.reason} if plan.reason else {}),
             "new_layer_indices": plan.new_layer_indices,
             "sources": {str(i): list(plan.layers[i].sources) for i in plan.new_layer_indices},
-            "function_preserving": run.function_preserving,
+            "function_preserving": run.function_preserving if function_preserving is None else function_preserving,
             "zero_target": run.zero_target,
             "config": cfg.to_dict(),
             "library_version": __version__,

@@ -124,6 +124,10 @@ class LayerFacts:
     groups: tuple[UnitGroup, ...] = ()
     refused: tuple[str, ...] = ()  # candidate unit groups whose permutation changed the block
     ones: tuple[str, ...] = ()  # residual gains (Doge's input_residual) set to 1 along with the writers
+    #: the writers make the block a positive per-token multiple of its input, not the identity (Beam's
+    #: depth-scaled adds, Dory's interpolation on the sphere): function preserving only where every later
+    #: reader of the stream is scale invariant, which the upscale checks end to end (:func:`verify_scaled`)
+    scaled: bool = False
 
 
 NO_FACTS = LayerFacts(None, (), ("the block could not be probed",))
@@ -260,13 +264,39 @@ class DiscoveredSpec(ArchSpec):
         from .constants import settle_constants
 
         changed = settle_constants(model, layers, self.layer_config(model.config), self.facts)
-        if changed:
+        self.extra["unsettled"] = changed
+        if changed and "scaled_reference" not in self.extra:  # otherwise verify_function decides
             warnings.warn(
                 f"{self.name}: blocks compute constants from their index ({', '.join(changed[:4])}"
                 f"{', ...' if len(changed) > 4 else ''}); they were updated for the new positions, so layers that moved"
                 " up compute differently and the upscaled model is not function preserving",
                 ArchitectureWarning, stacklevel=3,
             )
+
+    def verify_function(self, model: Any, preserving: bool) -> str | None:
+        """Blocks that zero-init makes a positive per-token multiple of their input (not the identity)
+        preserve the function only if every later reader of the stream is scale invariant, or the
+        refreshed constants rescale it uniformly (Beam's depth-scaled adds). Checked end to end: the
+        upscaled model's logits on the probe ids must be the base model's (1e-5 relative). Returns
+        why not (and warns), or None."""
+        import warnings
+
+        from .spec import ArchitectureWarning
+
+        ref = self.extra.get("scaled_reference")
+        if ref is None or not preserving:
+            return None
+        got = probe_logits(model, self.layer_config(model.config))
+        if got is not None and got.shape == ref.shape and \
+                float((got - ref).abs().max()) <= 1e-5 * (1.0 + float(ref.abs().max())):
+            return None
+        why = (f"{self.name}: zero-init makes a new block a positive multiple of its input, not the identity, and the"
+               " upscaled model's logits on a probe differ from the base model's (a reader of the residual stream"
+               " is not scale invariant"
+               + (f", or constants computed from the index: {', '.join(self.extra.get('unsettled', [])[:4])}"
+                  if self.extra.get("unsettled") else "") + "): not function preserving")
+        warnings.warn(why, ArchitectureWarning, stacklevel=3)
+        return why
 
     def make_layer(self, method: str, sources: list[Mapping[str, Tensor]], shape: HeadShape, cfg: Any,
                    zero: Mapping[str, float] | None = None, dtype: torch.dtype = torch.float64, **context: Any):
@@ -716,6 +746,13 @@ def discover_spec(model: torch.nn.Module, why: Exception | None = None) -> ArchS
     extra["prefix_counts"] = _prefix_counts(lc, layers, count)
     extra["section_counts"] = _section_counts(lc, len(layers), count, per, extra["prefix_counts"])
     facts, sigs = probe(model, layers, lc)
+    if any(f.scaled for f in facts.values()):  # checked end to end after the surgery (verify_function)
+        ref = probe_logits(model, lc)
+        if ref is None:
+            facts = {k: dataclasses.replace(f, writers=None, ones=(), scaled=False) if f.scaled else f
+                     for k, f in facts.items()}
+        else:
+            extra["scaled_reference"] = ref
     spec = DiscoveredSpec(
         name=f"discovered:{mt}", model_types=(str(mt),), tensors={}, residual=("*",), layers_path=path,
         index_attrs=index_attrs, per_layer_config=per, config_path=cpath, count_field=count,
@@ -754,6 +791,14 @@ def _clone(x: Any) -> Any:
     return x.clone() if isinstance(x, torch.Tensor) else x
 
 
+def _probe_ids(model: torch.nn.Module, config: Any) -> Tensor:
+    """The few token ids every probe runs on (fixed seed)."""
+    vocab = getattr(config, "vocab_size", None) or getattr(model.config, "vocab_size", None) or 2
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, max(2, min(int(vocab), 1000)), (1, _ID_TOKENS), generator=g)
+    return ids.to(next(model.parameters()).device)
+
+
 def capture_calls(model: torch.nn.Module, layers: torch.nn.ModuleList, config: Any) -> dict[int, tuple]:
     """One forward pass on a few token ids; the ``(args, kwargs)`` each block was called with."""
     calls: dict[int, tuple] = {}
@@ -762,10 +807,7 @@ def capture_calls(model: torch.nn.Module, layers: torch.nn.ModuleList, config: A
         def pre(mod, args, kwargs, i=i):
             calls.setdefault(i, (tuple(_clone(a) for a in args), {k: _clone(v) for k, v in kwargs.items()}))
         hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-    vocab = getattr(config, "vocab_size", None) or getattr(model.config, "vocab_size", None) or 2
-    p = next(model.parameters())
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, max(2, min(int(vocab), 1000)), (1, _ID_TOKENS), generator=g).to(p.device)
+    ids = _probe_ids(model, config)
     was = model.training
     model.eval()
     try:
@@ -814,6 +856,22 @@ def probe(model: torch.nn.Module, layers: torch.nn.ModuleList, config: Any) -> t
     return facts, sigs
 
 
+def probe_logits(model: torch.nn.Module, config: Any) -> Tensor | None:
+    """The model's logits (float) on the probe's token ids, or None where it does not run that way."""
+    ids = _probe_ids(model, config)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=False)
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        model.train(was)
+    y = getattr(out, "logits", None)
+    return y.detach().float().clone() if isinstance(y, torch.Tensor) else None
+
+
 def _probe_block(block: torch.nn.Module, call: tuple, config: Any) -> LayerFacts:
     args, kwargs = call
     x = kwargs.get("hidden_states", args[0] if args else None)
@@ -859,14 +917,33 @@ def _probe_block(block: torch.nn.Module, call: tuple, config: Any) -> LayerFacts
             writers = _writers(block, params, {**perturbed, **{k: params[k].detach().clone() for k in gains}},
                                [u for u in rest if u[2]], run, x)
             ones = tuple(gains) if writers is not None else ()
+        scaled = False
+        if writers is None:  # a positive per-token multiple of the input (depth-scaled or normed residual)
+            block.load_state_dict(perturbed)
+            writers = _writers(block, params, perturbed, units, run, x, same=_is_scaled_identity)
+            scaled = writers is not None
         block.load_state_dict(perturbed)
         groups, refused = _proven_groups(block, perturbed, y_ref, run, config, x.shape[-1], x)
-        return LayerFacts(writers, groups, refused, ones)
+        return LayerFacts(writers, groups, refused, ones, scaled)
     finally:
         for h in hooks:
             h.remove()
         block.load_state_dict(original)
         block.train(was)
+
+
+def _is_scaled_identity(y: Tensor | None, x: Tensor) -> bool:
+    """``y = c x`` with one positive ``c`` per token (not all 1: that is :func:`_is_identity`)."""
+    if y is None or y.shape != x.shape or x.dim() < 2:
+        return False
+    y64, x64 = y.double(), x.double()
+    xx = (x64 * x64).sum(-1, keepdim=True)
+    if not bool((xx > 0).all()):
+        return False
+    c = (y64 * x64).sum(-1, keepdim=True) / xx
+    if not bool((c > 1e-3).all()):
+        return False
+    return bool((y64 - c * x64).abs().max() <= 1e-6 * (1.0 + float(y64.abs().max())))
 
 
 def _is_identity(y: Tensor | None, x: Tensor) -> bool:
@@ -875,18 +952,19 @@ def _is_identity(y: Tensor | None, x: Tensor) -> bool:
     return bool((y.float() - x.float()).abs().max() <= 1e-6 * (1.0 + float(x.float().abs().max())))
 
 
-def _writers(block, params, perturbed, units, run, x) -> tuple[str, ...] | None:
+def _writers(block, params, perturbed, units, run, x, same=None) -> tuple[str, ...] | None:
+    same = same or _is_identity
     with torch.no_grad():
         for _, _, keys in units:
             for k in keys:
                 params[k].zero_()
-        if not _is_identity(run(), x):
+        if not same(run(), x):
             return None
         zeroed = []
         for _, _, keys in units:  # give each group back, in the order the block runs them
             for k in keys:
                 params[k].copy_(perturbed[k])
-            if not _is_identity(run(), x):
+            if not same(run(), x):
                 for k in keys:
                     params[k].zero_()
                 zeroed.extend(keys)

@@ -204,6 +204,11 @@ class ArchSpec:
     def after_surgery(self, model: Any, layers: Any) -> None:
         """Called after the new layers are in place and the config updated (default: nothing)."""
 
+    def verify_function(self, model: Any, preserving: bool) -> str | None:
+        """Called last on an in-memory upscale: why the deeper ``model`` is not function preserving
+        although the run asked for it (``preserving``), or None (default: nothing to check)."""
+        return None
+
     # ---- function preservation ------------------------------------------------------------
     def can_preserve(self, config: Any) -> bool:
         """Whether zero-init can make a new layer the identity for this config (False for post-LN)."""

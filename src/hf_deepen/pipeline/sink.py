@@ -72,7 +72,9 @@ class SurgerySink:
         from ..arch import get_module
 
         run.spec.after_surgery(model, get_module(model, run.spec.layers_path))
-        record_provenance(model.config, run)
+        if run.spec.verify_function(model, run.function_preserving) is not None:
+            report.function_preserving = False
+        record_provenance(model.config, run, report.function_preserving)
         self._seconds = time.perf_counter() - t
 
     def seconds(self) -> dict[str, float]:
