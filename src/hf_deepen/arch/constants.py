@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .discover import capture_calls, run_block, signature
+from .discover import capture_calls, close_rel, run_block, signature
 
 Tensor = torch.Tensor
 _SCALARS = (int, float, bool, str)
@@ -101,7 +101,7 @@ def _settle(layer: torch.nn.Module, ch: list[tuple], call: tuple, facts: Mapping
     writers = tuple(f.writers) if f is not None and f.writers else ()
     for fold in (_fold_writers, _fold_named):
         saved = {k: p.detach().clone() for k, p in layer.named_parameters()}
-        if fold(layer, ch, writers) and _same(run_block(layer, call), want):
+        if fold(layer, ch, writers) and close_rel(run_block(layer, call), want, _TOL):
             return True
         params = dict(layer.named_parameters())
         with torch.no_grad():
@@ -113,12 +113,6 @@ def _settle(layer: torch.nn.Module, ch: list[tuple], call: tuple, facts: Mapping
 def _set(layer: torch.nn.Module, ch: list[tuple], old: bool) -> None:
     for name, attr, o, n in ch:
         setattr(layer.get_submodule(name) if name else layer, attr, o if old else n)
-
-
-def _same(got: Tensor | None, want: Tensor) -> bool:
-    if got is None or got.shape != want.shape:
-        return False
-    return float((got.float() - want.float()).abs().max()) <= _TOL * (1.0 + float(want.float().abs().max()))
 
 
 _TRACERS: dict[type, type] = {}

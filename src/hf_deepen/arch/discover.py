@@ -126,7 +126,7 @@ class LayerFacts:
     ones: tuple[str, ...] = ()  # residual gains (Doge's input_residual) set to 1 along with the writers
     #: the writers make the block a positive per-token multiple of its input, not the identity (Beam's
     #: depth-scaled adds, Dory's interpolation on the sphere): function preserving only where every later
-    #: reader of the stream is scale invariant, which the upscale checks end to end (:func:`verify_scaled`)
+    #: reader of the stream is scale invariant, checked end to end (:meth:`DiscoveredSpec.verify_function`)
     scaled: bool = False
 
 
@@ -286,9 +286,7 @@ class DiscoveredSpec(ArchSpec):
         ref = self.extra.get("scaled_reference")
         if ref is None or not preserving:
             return None
-        got = probe_logits(model, self.layer_config(model.config))
-        if got is not None and got.shape == ref.shape and \
-                float((got - ref).abs().max()) <= 1e-5 * (1.0 + float(ref.abs().max())):
+        if close_rel(probe_logits(model, self.layer_config(model.config)), ref, 1e-5):
             return None
         why = (f"{self.name}: zero-init makes a new block a positive multiple of its input, not the identity, and the"
                " upscaled model's logits on a probe differ from the base model's (a reader of the residual stream"
@@ -946,10 +944,15 @@ def _is_scaled_identity(y: Tensor | None, x: Tensor) -> bool:
     return bool((y64 - c * x64).abs().max() <= 1e-6 * (1.0 + float(y64.abs().max())))
 
 
-def _is_identity(y: Tensor | None, x: Tensor) -> bool:
-    if y is None or y.shape != x.shape:
+def close_rel(y: Tensor | None, t: Tensor, tol: float) -> bool:
+    """``y`` has ``t``'s shape and ``max|y - t| <= tol * (1 + max|t|)`` (None: False)."""
+    if y is None or y.shape != t.shape:
         return False
-    return bool((y.float() - x.float()).abs().max() <= 1e-6 * (1.0 + float(x.float().abs().max())))
+    return float((y.float() - t.float()).abs().max()) <= tol * (1.0 + float(t.float().abs().max()))
+
+
+def _is_identity(y: Tensor | None, x: Tensor) -> bool:
+    return close_rel(y, x, 1e-6)
 
 
 def _writers(block, params, perturbed, units, run, x, same=None) -> tuple[str, ...] | None:

@@ -70,7 +70,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..errors import UnsupportedArchitectureError
-from .discover import DiscoveredSpec, _hidden, capture_calls, run_block
+from .discover import DiscoveredSpec, _hidden, capture_calls, close_rel, run_block
 
 Tensor = torch.Tensor
 
@@ -116,12 +116,6 @@ def _is_norm(mod: torch.nn.Module, hidden: int) -> bool:
     w = getattr(mod, "weight", None)
     return (isinstance(mod, torch.nn.LayerNorm) or "Norm" in type(mod).__name__) and not list(mod.children()) \
         and isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] == hidden
-
-
-def _close(y: Tensor | None, t: Tensor) -> bool:
-    if y is None or y.shape != t.shape:
-        return False
-    return bool((y.float() - t.float()).abs().max() <= 1e-6 * (1.0 + float(t.float().abs().max())))
 
 
 def find_post_ln(block: torch.nn.Module, call: tuple) -> tuple[PostLN | None, str]:
@@ -195,14 +189,14 @@ def find_post_ln(block: torch.nn.Module, call: tuple) -> tuple[PostLN | None, st
         for _, _, keys in groups:
             for k in keys:
                 params[k].zero_()
-        if not _close(run_block(blk, call), target()):
+        if not close_rel(run_block(blk, call), target(), 1e-6):
             return None, (f"zeroing every parameter but the norms does not leave {' o '.join(reversed(norms))}(x):"
                           " something writes to the residual stream without a parameter to zero")
         writers: list[str] = []
         for _, _, keys in groups:  # give each group back, in the order the block runs them
             for k in keys:
                 params[k].copy_(perturbed[k])
-            if not _close(run_block(blk, call), target()):
+            if not close_rel(run_block(blk, call), target(), 1e-6):
                 for k in keys:
                     params[k].zero_()
                 writers.extend(keys)
