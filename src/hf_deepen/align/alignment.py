@@ -187,10 +187,10 @@ def align_layers(
         oracle = None
         if "neurons" in costs:
             cost = costs["neurons"]
-        else:  # float32 arithmetic (see SqDistCost); Sinkhorn wants its float64 buffer, the exact
-            # solver the float32 matrix and the exact costs to certify its assignment with
+        else:  # float32 arithmetic (see SqDistCost): Sinkhorn runs in the float32 matrix (its plan
+            # overwrites it), the exact solver certifies its assignment with the exact costs
             oracle = SqDistCost(_neuron_parts(a), _neuron_parts(b), device)
-            cost = oracle.matrix(torch.float64 if solver == "sinkhorn" else None)
+            cost = oracle.matrix()
         t2 = time.perf_counter()
         # a cost built here is scratch: a large Sinkhorn problem runs in its memory
         neurons = solve(cost, solver, reg, max_iter, overwrite="neurons" not in costs,

@@ -18,6 +18,10 @@ distance between unit *i* of the lower layer and unit *j* of the upper layer, fi
   Large problems (Llama-3.1-8B's 14,336 neurons) run the same two algorithms by hand, in place
   in the cost matrix and over row blocks (:func:`_sinkhorn_inplace`): POT's allocate several
   ``n x n`` temporaries, 1.6 GB each at that size, and memory is what bounds a streaming upscale.
+  There the cost stays float32 (0.8 GB instead of 1.6), is first reduced by its row and then its
+  column minima (an exact change of dual variables: the plan is the same, and the kernel domain
+  is kept where a row or column offset alone would force the log domain), and the plan is written
+  over the cost; the scalings and every reduction (mean, matvecs, marginals) accumulate in float64.
 
 Both return a :class:`Plan` whose ``matrix`` has the marginals ``1/n``; apply it as a barycentric
 map, ``n * P``, whose columns sum to one, so aligned weights keep their scale.
@@ -45,6 +49,9 @@ Tensor = torch.Tensor
 #: below this: ``exp(-600) = 2.6e-261`` and its inverse stay inside float64's range, so neither the
 #: kernel nor the scalings under- or overflow; above it the log domain is used (slower, safe)
 KERNEL_MAX_RANGE = 600.0
+#: the same bound for a float32 kernel (:func:`_sinkhorn_inplace`): ``exp(-80) = 1.8e-35`` is
+#: still a normal float32 (the scalings are float64, so only the kernel's entries need the range)
+KERNEL_MAX_RANGE_F32 = 80.0
 
 #: problems with more plan entries than this (n > 5,792) run in place (:func:`_sinkhorn_inplace`);
 #: smaller ones through POT
@@ -61,6 +68,8 @@ _EXACT_BYTES = 1 << 19
 
 #: features per chunk of the float32 cost product (:meth:`SqDistCost.matrix`): bounds the error
 CHUNK_K = 512
+#: units of ``b`` converted at a time by :meth:`SqDistCost.matrix` (4,096 x 4,096 float32 = 64 MB at 8B)
+COST_COLS = 4096
 
 
 def _rows(n: int) -> int:
@@ -521,28 +530,62 @@ def _row_lse(logK: Tensor, g: Tensor) -> Tensor:
     return torch.cat([torch.logsumexp(logK[i : i + step] + g[None, :], dim=1) for i in range(0, logK.shape[0], step)])
 
 
-def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float) -> Plan:
-    """:func:`solve_sinkhorn` for large problems, overwriting ``M`` (float64, ``[n, n]``).
+def _mv64(K: Tensor, x: Tensor, transpose: bool) -> Tensor:
+    """``K^T x`` (``transpose``) or ``K x`` in float64 for ``K`` ``[n, n]`` of any float dtype, over
+    row blocks: a float32 kernel's sums accumulate in float64 (a float32 sum of 14,336 terms errs by
+    ~1e-6, above the stopping threshold ``tol / n``), with no float64 copy of the kernel."""
+    n, step = K.shape[0], _rows(K.shape[1])
+    if K.dtype == torch.float64:
+        return K.T @ x if transpose else K @ x
+    if transpose:
+        out = torch.zeros(K.shape[1], dtype=torch.float64, device=K.device)
+        for i in range(0, n, step):
+            out.addmv_(K[i : i + step].T.double(), x[i : i + step])
+        return out
+    return torch.cat([K[i : i + step].double() @ x for i in range(0, n, step)])
 
-    The same normalisation and the same two algorithms (POT's iteration order and stopping rule),
-    written so that the only ``n x n`` buffers are ``M`` itself, which becomes the kernel
-    ``exp(-M / reg)`` (or ``-M / reg`` for the log domain) in place, and the float32 plan; every
-    other temporary is a vector or a block of rows. At Llama-3.1-8B's 14,336 neurons that is
-    1.6 + 0.8 GB, and 0.8 GB once the caller drops ``M``, where POT's ``sinkhorn`` holds about
-    five 1.6 GB matrices (``benchmarks/README.md``, "Scale").
+
+def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float) -> Plan:
+    """:func:`solve_sinkhorn` for large problems, overwriting ``M`` (``[n, n]``, float32 or float64).
+
+    The same two algorithms as POT's (its iteration order and stopping rule), written so that the
+    only ``n x n`` buffer is ``M`` itself: it becomes the kernel ``exp(-R / reg)`` (or ``-R / reg``
+    for the log domain) in place and then, for a float32 ``M``, the plan, block by block; every
+    other temporary is a vector or a block of rows, and the scalings, sums and diagnostics are
+    float64. A float64 ``M`` keeps a separate float32 plan. At Llama-3.1-8B's 14,336 neurons that
+    is 0.8 GB for a float32 cost, where POT's ``sinkhorn`` holds about five 1.6 GB matrices
+    (``benchmarks/README.md``, "Scale").
+
+    ``R`` is the normalised cost ``M / mean(M)`` reduced by its row minima and then its column
+    minima, ``R_ij = M_ij / mean - alpha_i - beta_j >= 0`` with a zero in every row and column: the
+    plan is unchanged (a row or column offset is absorbed by the scalings) and the range that
+    decides the domain is usually much smaller than the shifted cost's. The kernel domain is used
+    below :data:`KERNEL_MAX_RANGE` (float64) or :data:`KERNEL_MAX_RANGE_F32` (float32).
     """
     n = M.shape[0]
-    identity = float(torch.diagonal(M).mean())
-    scale = float(M.mean())
+    identity = float(torch.diagonal(M).double().mean())
+    step = _rows(n)
+    # (a float64 mean in blocks: M.mean(dtype=float64) would convert the whole matrix first)
+    scale = sum(float(M[i : i + step].sum(dtype=torch.float64)) for i in range(0, n, step)) / (n * n)
     if scale > 0:
         M.div_(scale)
-    lo = float(M.min())
-    M.sub_(lo)
+    alpha = M.amin(dim=1)
+    M.sub_(alpha[:, None])
+    beta = M.amin(dim=0)
+    M.sub_(beta[None, :])
+    alpha, beta = alpha.double(), beta.double()
     a = 1.0 / n
     stop = tol / n
-    if float(M.max()) / reg < KERNEL_MAX_RANGE:
+    limit = KERNEL_MAX_RANGE if M.dtype == torch.float64 else KERNEL_MAX_RANGE_F32
+    if float(M.max()) / reg < limit:
         name = "sinkhorn"
-        u, v = _kernel_scalings(M.mul_(-1.0 / reg).exp_(), max_iter, stop)  # M is now the kernel
+        K = M.mul_(-1.0 / reg).exp_()  # M is now the kernel
+        u = torch.full((n,), a, dtype=torch.float64, device=M.device)
+        for it in range(max_iter):
+            v = a / _mv64(K, u, True)
+            u = a / _mv64(K, v, False)
+            if it % 10 == 0 and float((_mv64(K, u, True) * v - a).norm()) < stop:
+                break
         logK = None
     else:
         name = "sinkhorn_log"
@@ -555,29 +598,29 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float) -> Plan:
             f = la - _row_lse(logK, g)
             if it % 10 == 0 and float((torch.exp(_col_lse(logK, f) + g) - a).norm()) < stop:
                 break
-    # the plan, block by block, with its diagnostics in float64; stored in float32 (see Plan.dense)
-    P = torch.empty(n, n, dtype=torch.float32, device=M.device)
+    # the plan, block by block, with its diagnostics in float64
+    P = M if M.dtype == torch.float32 else torch.empty(n, n, dtype=torch.float32, device=M.device)
     rows = torch.empty(n, dtype=torch.float64, device=M.device)
     cols = torch.zeros(n, dtype=torch.float64, device=M.device)
     colmax = torch.zeros(n, dtype=torch.float64, device=M.device)
-    cost = 0.0
-    step = _rows(n)
+    cost = 0.0  # <P, R>, from R = -reg log K
     for i in range(0, n, step):
-        blk = M[i : i + step]
-        if logK is None:  # blk is K: P = u K v, and -M / reg = log K
+        blk = M[i : i + step].double()
+        if logK is None:  # blk is K: P = u K v, and R = -reg log K
             Pb = blk * u[i : i + step, None] * v[None, :]
             cost += float((Pb * torch.log(blk)).sum()) * -reg
-        else:  # blk is -M / reg
+        else:  # blk is -R / reg
             Pb = torch.exp(blk + f[i : i + step, None] + g[None, :])
             cost += float((Pb * blk).sum()) * -reg
+        del blk
         rows[i : i + step] = Pb.sum(dim=1)
         cols += Pb.sum(dim=0)
         colmax = torch.maximum(colmax, Pb.amax(dim=0))
-        P[i : i + step] = Pb
+        P[i : i + step] = Pb  # (when P is M: these rows of the kernel are no longer needed)
         del Pb
-    total = float(rows.sum())
+    cost += float(rows @ alpha) + float(cols @ beta)  # <P, M / mean> = <P, R> + <P 1, alpha> + <P^T 1, beta>
     return Plan(
-        cost=(cost + lo * total) * (scale if scale > 0 else 1.0),
+        cost=cost * (scale if scale > 0 else 1.0),
         identity_cost=identity,
         marginal_error=max(float((rows * n - 1).abs().max()), float((cols * n - 1).abs().max())),
         sharpness=float(colmax.mean() * n),
@@ -605,8 +648,10 @@ def solve_sinkhorn(M: Tensor, reg: float = 0.01, max_iter: int = 3000, tol: floa
     if n == 1:
         return _finish(torch.ones(1, 1, dtype=torch.float64), M.detach().cpu(), "sinkhorn")
     if n * n > INPLACE_MIN_ENTRIES:
-        own = overwrite and M.dtype == torch.float64 and M.is_contiguous()
-        return _sinkhorn_inplace(M.detach() if own else M.detach().to(torch.float64, copy=True), reg, max_iter, tol)
+        wide = M.dtype == torch.float64
+        own = overwrite and M.dtype in (torch.float32, torch.float64) and M.is_contiguous()
+        work = M.detach() if own else M.detach().to(torch.float64 if wide else torch.float32, copy=True)
+        return _sinkhorn_inplace(work, reg, max_iter, tol)
     import ot  # POT; imported here so that the exact path does not pay for it
 
     Md = M.detach().to(torch.float64)
@@ -803,25 +848,32 @@ class SqDistCost:
         # (error_bounds), 23x tighter at F = 12,288, so the certificate's band of entries recomputed
         # exactly is ~20x smaller; 10-15% slower than one product per role (rows in blocks of 256,
         # so the buffer stays in cache)
+        # b is converted in blocks of COST_COLS units too, not one whole role at a time: a converted
+        # role of Llama-3.1-8B's MLP is 14,336 x 4,096 float32 = 235 MB on top of the n x n output
+        # (the products are the same; only which output columns one product fills changes)
         kc = CHUNK_K
         rb = min(block, 256)
-        tmp = torch.empty(rb, n_b, dtype=cdt, device=dev)
+        cb = min(n_b, COST_COLS)
+        tmp = torch.empty(rb, cb, dtype=cdt, device=dev)
         chunks = 0
         for pa, pb in zip(self.parts_a, self.parts_b):
-            B = self._conv(pb)
-            nb += _sq_norms(B)
-            f = B.shape[1]
+            f = pb.shape[1]
             chunks += -(-f // kc)
-            for i in range(0, n_a, rb):
-                A = self._conv(pa[i : i + rb])
-                na[i : i + rb] += _sq_norms(A)
-                t = tmp[: A.shape[0]]
-                ob = out[i : i + rb]
-                for k in range(0, f, kc):
-                    torch.mm(A[:, k : k + kc], B[:, k : k + kc].T, out=t)
-                    ob.add_(t)
-                del A
-            del B
+            for j in range(0, n_b, cb):
+                B = self._conv(pb[j : j + cb])
+                nb[j : j + cb] += _sq_norms(B)
+                nbj = B.shape[0]
+                for i in range(0, n_a, rb):
+                    A = self._conv(pa[i : i + rb])
+                    if j == 0:
+                        na[i : i + rb] += _sq_norms(A)
+                    t = tmp.view(-1)[: A.shape[0] * nbj].view(A.shape[0], nbj)  # contiguous, for out=
+                    ob = out[i : i + rb, j : j + nbj]
+                    for k in range(0, f, kc):
+                        torch.mm(A[:, k : k + kc], B[:, k : k + kc].T, out=t)
+                        ob.add_(t)
+                    del A
+                del B
         del tmp
         self._terms = min(kc, max(p.shape[1] for p in self.parts_a)) + chunks
         s2 = self.s * self.s
