@@ -121,8 +121,9 @@ MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270M"}
 CALIBRATION_TOKENS = 2048
 #: the comparisons the report resolves: (a, b) -> is a better than b by more than 2x the paired std?
 KEY_PAIRS = [("opt-uniform", "copy-uniform"), ("opt-uniform", "copy-every2"), ("opt-auto", "opt-uniform"),
-             ("opt-auto", "copy-every2"), ("opt-uniform", "opt-top"), ("opt-uniform", "base"),
-             ("opt-uniform", "base-compute")]
+             ("opt-auto", "copy-uniform"), ("opt-auto", "copy-every2"), ("opt-uniform", "opt-top"),
+             ("opt-uniform", "base"), ("opt-uniform", "base-compute"), ("opt-auto", "base"),
+             ("opt-auto", "base-compute")]
 
 
 # ---- data -----------------------------------------------------------------------------------------
