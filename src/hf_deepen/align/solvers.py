@@ -496,17 +496,25 @@ def _with_cert(plan: Plan, how: str, oracle: "SqDistCost | None") -> Plan:
     return plan
 
 
-def _kernel_scalings(K: Tensor, max_iter: int, stop: float) -> tuple[Tensor, Tensor]:
+def _kernel_scalings(K: Tensor, max_iter: int, stop: float, wide: bool = False) -> tuple[Tensor, Tensor]:
     """Kernel-domain Sinkhorn scalings ``u, v`` for ``K`` ``[..., n, n]`` and uniform marginals ``1/n``,
     in POT's order (``v`` then ``u``), stopping when every problem's column-marginal error (checked
-    every 10 iterations) is below ``stop``: the plan is ``u[..., :, None] * K * v[..., None, :]``."""
+    every 10 iterations) is below ``stop``: the plan is ``u[..., :, None] * K * v[..., None, :]``.
+    ``wide``: one ``[n, n]`` kernel of any float dtype, float64 scalings and products over row
+    blocks (:func:`_mv64`; the in-place solver's float32 kernel)."""
     a = 1.0 / K.shape[-1]
-    u = torch.full(K.shape[:-1], a, dtype=K.dtype, device=K.device)
+    if wide:
+        def mv(x: Tensor, transpose: bool) -> Tensor:
+            return _mv64(K, x, transpose)
+    else:
+        def mv(x: Tensor, transpose: bool) -> Tensor:
+            return torch.einsum("...ij,...i->...j" if transpose else "...ij,...j->...i", K, x)
+    u = torch.full(K.shape[:-1], a, dtype=torch.float64 if wide else K.dtype, device=K.device)
     v = u.clone()
     for it in range(max_iter):
-        v = a / torch.einsum("...ij,...i->...j", K, u)
-        u = a / torch.einsum("...ij,...j->...i", K, v)
-        if it % 10 == 0 and float((torch.einsum("...ij,...i->...j", K, u) * v - a).norm(dim=-1).max()) < stop:
+        v = a / mv(u, True)
+        u = a / mv(v, False)
+        if it % 10 == 0 and float((mv(u, True) * v - a).norm(dim=-1).max()) < stop:
             break
     return u, v
 
@@ -579,13 +587,7 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float) -> Plan:
     limit = KERNEL_MAX_RANGE if M.dtype == torch.float64 else KERNEL_MAX_RANGE_F32
     if float(M.max()) / reg < limit:
         name = "sinkhorn"
-        K = M.mul_(-1.0 / reg).exp_()  # M is now the kernel
-        u = torch.full((n,), a, dtype=torch.float64, device=M.device)
-        for it in range(max_iter):
-            v = a / _mv64(K, u, True)
-            u = a / _mv64(K, v, False)
-            if it % 10 == 0 and float((_mv64(K, u, True) * v - a).norm()) < stop:
-                break
+        u, v = _kernel_scalings(M.mul_(-1.0 / reg).exp_(), max_iter, stop, wide=True)  # M is now the kernel
         logK = None
     else:
         name = "sinkhorn_log"
