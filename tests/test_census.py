@@ -63,6 +63,18 @@ def test_decoder_with_a_special_first_layer_is_not_refused_by_the_encoder_rules(
     assert rec["status"] == "fp", rec
 
 
+def test_auto_layout_keeps_away_from_pairs_the_family_cannot_fuse():
+    # HY-V4: a dense layer 0 below MoE layers. OT between a dense and a MoE layer has no unit in common
+    # (fusion_refusal, from the layer signatures), so the default layout (auto; uniform here, no
+    # tokenizer) must not put a new layer at slot 0: it did, and the upscale was refused.
+    model, ids, ref, _ = census.build_tiny("hy_v4")
+    spec = DepthUpscaler(model).spec
+    assert spec.fusion_refusal(0, 1, "opt") and spec.fusion_refusal(1, 2, "opt") is None
+    assert spec.fusion_refusal(0, 1, "avg") is None
+    rec = census.run_method(model, ids, ref, "opt", save=False)
+    assert rec["status"] == "fp", rec
+
+
 def test_discovered_writers_and_units_of_a_moe_block():
     model, _, _, _ = census.build_tiny("gpt_oss")
     spec = DepthUpscaler(model).spec

@@ -33,7 +33,7 @@ the model's provenance (``config.hf_deepen["stages"][-1]["layout_reason"]``).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 
@@ -133,6 +133,24 @@ def auto_scores(bi: Sequence[float], cfg: Any, ids: torch.Tensor, source: str) -
     return scores, why
 
 
+def flat_scores(cfg: Any, num_base: int, why: str) -> tuple[list[float], str]:
+    """No calibration pass could run on the default text (``why``: no tokenizer, or too few tokens):
+    a flat profile, i.e. the ``uniform`` layout, with a :class:`~hf_deepen.LayoutWarning` saying why,
+    and a fixed reason recorded in the plan (the same on every path)."""
+    import warnings
+
+    from .errors import LayoutWarning
+    from .layouts import FUSIONS_NEEDING_PAIR
+
+    warnings.warn(
+        f"layout='auto' ran no calibration pass on the default text ({why}) and uses the uniform layout, its result on a flat"
+        " profile: pass calibration= token ids or tokenizer=... to place the layers from data, or"
+        " layout='uniform' to choose this explicitly", LayoutWarning, stacklevel=4)
+    scores = [1.0] * (num_base - 1 if cfg.method in FUSIONS_NEEDING_PAIR else num_base)
+    return scores, ("auto without a calibration pass (no usable tokenizer for the default calibration text): a flat"
+                    " profile, i.e. the uniform layout")
+
+
 def slot_scores(bi: Sequence[float], needs_pair: bool) -> list[float]:
     """Score of each insertion slot: mean BI of the two parents (fusions) or the copied layer's BI."""
     if needs_pair:
@@ -144,18 +162,26 @@ def slot_scores(bi: Sequence[float], needs_pair: bool) -> list[float]:
 SCORE_CAP = 2.0
 
 
-def auto_positions(scores: Sequence[float], n_new: int, cap: float = SCORE_CAP) -> list[int]:
-    """``n_new`` distinct slots spread evenly along the cumulative ``scores`` (see the module doc)."""
+def auto_positions(scores: Sequence[float], n_new: int, cap: float = SCORE_CAP,
+                   allowed: Collection[int] | None = None) -> list[int]:
+    """``n_new`` distinct slots spread evenly along the cumulative ``scores`` (see the module doc).
+
+    ``allowed``: the slots the architecture accepts a new layer in (default: all); the others get no
+    score and take no collision (a MoE model's dense/sparse boundary, a layer 0 built differently)."""
     n_slots = len(scores)
-    if not 0 < n_new <= n_slots:
-        raise PlanError(f"{n_new} new layers do not fit in {n_slots} slots")
-    w = [max(float(s), 0.0) for s in scores]
-    med = sorted(w)[len(w) // 2]
+    ok = set(range(n_slots)) if allowed is None else {p for p in allowed if 0 <= p < n_slots}
+    if not 0 < n_new <= len(ok):
+        raise PlanError(f"{n_new} new layers do not fit in the {len(ok)} slots this model accepts"
+                        f" ({n_slots} in all): choose fewer new layers (num_layers) or upscale in stages")
+    w = [max(float(s), 0.0) if i in ok else 0.0 for i, s in enumerate(scores)]
+    acc_w = sorted(w[i] for i in ok)
+    med = acc_w[len(acc_w) // 2]
     if med > 0 and cap:
         w = [min(x, cap * med) for x in w]
     total = sum(w)
-    if not total > 0:  # a degenerate profile: uniform
-        w, total = [1.0] * n_slots, float(n_slots)
+    if not total > 0:  # a degenerate profile: uniform over the accepted slots
+        w = [1.0 if i in ok else 0.0 for i in range(n_slots)]
+        total = float(len(ok))
     cum, acc = [], 0.0
     for x in w:
         acc += x
@@ -169,7 +195,7 @@ def auto_positions(scores: Sequence[float], n_new: int, cap: float = SCORE_CAP) 
         fit = [i for i, c in enumerate(cum) if w[i] > 0 and c <= target]
         p = fit[-1] if fit else next(i for i, x in enumerate(w) if x > 0)
         if p in taken:  # nearest free slot, the later one on a tie
-            free = [q for q in range(n_slots) if q not in taken]
+            free = [q for q in range(n_slots) if q not in taken and q in ok]
             p = min(free, key=lambda q: (abs(q - p), -q))
         taken.add(p)
         chosen.append(p)

@@ -5,7 +5,7 @@ Convention for every layout but SOLAR: a new layer goes right after base layer `
 a copy (LLaMA Pro) copies layer ``p``, so ``p`` may also be ``L-1``. At most one new layer per
 position; to grow further, upscale again (progressive growth).
 
-The paper's default ("top"): one new layer between each adjacent pair ``(i, i+1)`` for ``i`` from
+The default is ``"auto"`` (:mod:`hf_deepen.auto_layout`, chosen by our quality study). The paper's ("top"): one new layer between each adjacent pair ``(i, i+1)`` for ``i`` from
 ``L/2 - 1`` to ``L - 2``, so 30 -> 45 and 32 -> 48.
 """
 
@@ -56,11 +56,12 @@ def _uniform(n_new: int, n_slots: int, num_base: int) -> list[int]:
 
 
 def build_plan(num_base: int, config: UpscaleConfig, scores: list[float] | None = None,
-               reason: str | None = None) -> DepthPlan:
+               reason: str | None = None, allowed: set[int] | None = None) -> DepthPlan:
     """Build the depth plan for a model with ``num_base`` decoder layers.
 
     ``scores`` (``layout="auto"`` only): one score per insertion slot from a calibration pass
-    (:mod:`hf_deepen.auto_layout`); ``reason`` is stored in the plan.
+    (:mod:`hf_deepen.auto_layout`); ``reason`` is stored in the plan; ``allowed`` (``auto`` only):
+    the slots the architecture accepts (default: all).
     """
     if num_base < 1:
         raise PlanError(f"the model has {num_base} decoder layers: nothing to upscale")
@@ -114,10 +115,10 @@ def build_plan(num_base: int, config: UpscaleConfig, scores: list[float] | None 
 
             if scores is None or len(scores) != n_slots:
                 raise PlanError(
-                    "layout='auto' needs a calibration pass over the model: use DepthUpscaler.plan()/upscale()"
-                    " (in memory; the streaming path cannot run the model), or pick a fixed layout"
+                    "layout='auto' needs a calibration pass over the model: use DepthUpscaler.plan()/upscale() or"
+                    " upscale_checkpoint(), which run it, or pick a fixed layout"
                 )
-            positions = auto_positions(scores, n_new)
+            positions = auto_positions(scores, n_new, allowed=allowed)
         else:
             positions = _LAYOUTS[config.layout](n_new, n_slots, num_base)
 

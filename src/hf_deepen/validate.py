@@ -218,9 +218,15 @@ def check_plan(config: Any, cfg: Any) -> Any:
         warnings.simplefilter("ignore")  # the real run warns once
         spec = spec.bind(config)
         spec.head_shape(config)
-    plan = build_plan(spec.num_layers(config), cfg)
     if cfg.zero_init:
         spec.zero_target(cfg.zero_target)
+    n = spec.num_layers(config)
+    if cfg.layout == "auto":  # the positions come from the calibration pass: check that enough slots are accepted
+        from .layouts import FUSIONS_NEEDING_PAIR
+        from .pipeline import make_plan
+
+        return make_plan(cfg, spec, config, n, [1.0] * (n - 1 if cfg.method in FUSIONS_NEEDING_PAIR else n))
+    plan = build_plan(n, cfg)
     spec.check_plan(plan, config)
     return plan
 

@@ -296,6 +296,18 @@ class DiscoveredSpec(ArchSpec):
         warnings.warn(why, ArchitectureWarning, stacklevel=3)
         return why
 
+    def fusion_refusal(self, lower: int, upper: int, method: str) -> str | None:
+        """:meth:`_fuse_mixed`'s refusal, from the layers' signatures: OT between two layers of different
+        kinds needs a proven unit whose tensors both have."""
+        sigs = self.layer_signatures
+        if method != "opt" or not sigs or max(lower, upper) >= len(sigs) or sigs[lower] == sigs[upper]:
+            return None
+        common = {k for k, _ in set(sigs[lower]) & set(sigs[upper])}
+        facts = self.facts.get(sigs[lower], NO_FACTS)  # the new layer is the lower parent's kind (for_state)
+        if any({k for k, _ in g.keys()} <= common for g in facts.groups):
+            return None
+        return f"layers {lower} and {upper} are of different kinds with no proven unit in common"
+
     def make_layer(self, method: str, sources: list[Mapping[str, Tensor]], shape: HeadShape, cfg: Any,
                    zero: Mapping[str, float] | None = None, dtype: torch.dtype = torch.float64, **context: Any):
         from ..fuse import make_layer

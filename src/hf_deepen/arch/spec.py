@@ -184,6 +184,12 @@ class ArchSpec:
         return self
 
     # ---- hooks on the depth plan and the config (default: nothing to do) ---------------------
+    def fusion_refusal(self, lower: int, upper: int, method: str) -> str | None:
+        """Why base layers ``lower`` and ``upper`` cannot be fused with ``method``, known before reading
+        any weight, or None (default: nothing known; ``check_plan`` and the fusion itself still refuse).
+        ``layout="auto"`` keeps away from such pairs."""
+        return None
+
     def check_plan(self, plan: Any, config: Any) -> None:
         """Raise if this model cannot follow ``plan`` (a :class:`~hf_deepen.plan.DepthPlan`).
 

@@ -25,9 +25,9 @@ import torch
 
 from ..arch.spec import ArchSpec, HeadShape
 from ..config import UpscaleConfig
-from ..errors import AlignmentWarning
+from ..errors import AlignmentWarning, PlanError, UnsupportedArchitectureError
 from ..fuse import FusionResult, add_stage_seconds, build_layer_state
-from ..layouts import build_plan
+from ..layouts import FUSIONS_NEEDING_PAIR, build_plan
 from ..plan import DepthPlan, LayerSource
 from ..report import UpscaleReport
 from .sink import Sink
@@ -55,9 +55,64 @@ def options(config: UpscaleConfig | dict | None, kwargs: Mapping[str, Any]) -> U
 
 def make_plan(cfg: UpscaleConfig, spec: ArchSpec, config: Any, num_base: int, scores: Any = None,
               reason: str | None = None) -> DepthPlan:
-    """The plan stage: the deeper layer list, checked against the family (MoE: no dense + sparse fusion)."""
-    plan = build_plan(num_base, cfg, scores, reason)
-    spec.check_plan(plan, config)
+    """The plan stage: the deeper layer list, checked against the family (MoE: no dense + sparse fusion).
+
+    ``layout="auto"`` chooses among the slots the family accepts: pairs it knows it cannot fuse
+    (:meth:`~hf_deepen.arch.spec.ArchSpec.fusion_refusal`) are never proposed; where enough slots fuse two layers
+    built alike (``layer_signatures`` of a discovered spec), a fusion of two layers built differently
+    (a dense first layer before MoE ones, a layer 0 without an attention norm) is not proposed; and a
+    slot the family's ``check_plan`` refuses on its own is dropped and the positions chosen again, so
+    the default layout does not ask for a plan a fixed layout could avoid."""
+    if cfg.layout != "auto" or scores is None:
+        plan = build_plan(num_base, cfg, scores, reason)
+        spec.check_plan(plan, config)
+        return plan
+    allowed = set(range(len(scores)))
+    unfusable: dict[int, str] = {}
+    if cfg.method in FUSIONS_NEEDING_PAIR:  # pairs the family already knows it cannot fuse
+        unfusable = {p: why for p in allowed for why in [spec.fusion_refusal(p, p + 1, cfg.method)] if why}
+        allowed -= set(unfusable)
+    sigs = tuple(getattr(spec, "layer_signatures", ()) or ())
+    if cfg.method in FUSIONS_NEEDING_PAIR and len(sigs) == num_base:
+        alike = {p for p in allowed if sigs[p] == sigs[p + 1]}  # (a preference: used when there are enough)
+        n_new = (cfg.num_layers if cfg.num_layers is not None else num_base + num_base // 2) - num_base
+        if len(alike) >= n_new:  # (hybrid stacks whose kinds alternate keep every slot: the family decides)
+            allowed = alike
+    dropped = set(range(len(scores))) - allowed
+    refusal: Exception | None = None
+    while True:
+        try:
+            plan = build_plan(num_base, cfg, scores, reason, allowed=allowed)
+        except PlanError as e:
+            if refusal is not None:  # too few accepted slots left: the family's own message says why
+                raise refusal from None
+            if unfusable:
+                p, why = next(iter(sorted(unfusable.items())))
+                raise PlanError(f"{spec.name}: {why} (slot {p}; {len(unfusable)} of {len(scores)} slots pair such layers"
+                                f" for method={cfg.method!r}), so the new layers do not fit ({e}): use method='avg' or"
+                                " 'copy', fewer new layers, or positions= of your own") from None
+            raise
+        try:
+            spec.check_plan(plan, config)
+            break
+        except (PlanError, UnsupportedArchitectureError) as e:
+            refusal = e
+            new = [i for i, s in enumerate(plan.layers) if s.kind == "new"]
+            bad = set()
+            for i in new:  # which of the chosen slots does the family refuse on its own?
+                p = plan.layers[i].sources[0]
+                one = build_plan(num_base, dataclasses.replace(cfg, layout="positions", positions=[p], num_layers=None))
+                try:
+                    spec.check_plan(one, config)
+                except (PlanError, UnsupportedArchitectureError):
+                    bad.add(p)
+            if not bad:
+                raise  # the combination, not a slot: the family's own message says what to do
+            allowed -= bad
+            dropped |= bad
+    if dropped and plan.reason:
+        plan = dataclasses.replace(plan, reason=f"{plan.reason}; slots skipped (refused by the architecture, or fusing two layers"
+                                                 f" built differently): {sorted(dropped)}")
     return plan
 
 
