@@ -90,7 +90,7 @@ def load_upscaled(args: argparse.Namespace, progress: bool = True) -> tuple[Any,
     elif args.tiny:
         tok = tiny_tokenizer()
         up = DepthUpscaler(tiny_model(tok, args.seed), base_model="tiny-random-llama")
-        model = up.upscale(method=args.method, num_layers=args.num_layers, progress=False)
+        model = up.upscale(method=args.method, num_layers=args.num_layers, tokenizer=tok, progress=False)
     else:
         from hf_deepen.io import default_gguf
 

@@ -109,7 +109,7 @@ def test_calibration_text_is_tokenised():
     "kwargs, match",
     [
         (dict(align_on="activations"), "needs calibration"),
-        (dict(calibration=torch.zeros(2, 8, dtype=torch.long)), "only used with align_on"),
+        (dict(layout="uniform", calibration=torch.zeros(2, 8, dtype=torch.long)), "only used with align_on"),
         (dict(align_on="activations", calibration=torch.zeros(8)), "2-D integer tensor"),
     ],
 )

@@ -448,7 +448,7 @@ def test_layer_indices_kept_outside_the_blocks_follow_their_layers(tmp_path):
     x = ids()
     ref = logits(model, x)
     assert model.model.value_embedding_layers == {3}
-    DepthUpscaler(model).upscale(method="copy", num_layers=6)
+    DepthUpscaler(model).upscale(method="copy", num_layers=6, layout="top")
     assert model.model.value_embedding_layers == {5}  # base layer 3, now at 5
     torch.testing.assert_close(logits(model, x), ref, atol=1e-5, rtol=1e-5)
     model.save_pretrained(tmp_path)

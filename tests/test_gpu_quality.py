@@ -44,10 +44,10 @@ def test_corpus_and_gpu_script_tiny(tmp_path):
     with tarfile.open(out / "gpu_quality_results.tar.gz") as t:
         names = [n for n in t.getnames() if n.endswith(".json")]
     runs = [json.loads(p.read_text()) for p in (tmp_path / "res").rglob("seed*.json")]
-    # 4 deep variants + the base reference, 2 seeds, protocol new; all on the corpus
-    assert len(runs) == len(names) == 10
-    assert {(r["variant"], r["seed"]) for r in runs} == {(v, s) for v in ("opt-uniform", "copy-uniform", "copy-every2",
-                                                                         "opt-auto", "base") for s in (0, 1)}
+    # 5 deep variants + the base reference, 2 seeds, protocol new; all on the corpus
+    assert len(runs) == len(names) == 12
+    assert {(r["variant"], r["seed"]) for r in runs} == {(v, s) for v in ("opt-auto", "copy-auto", "copy-every2", "base",
+                                                                         "opt-uniform", "copy-uniform") for s in (0, 1)}
     assert all(r["data"]["name"] == "corpus" and r["domains"] == ["heldout", "license"] for r in runs)
 
 

@@ -94,3 +94,40 @@ def test_default_calibration_is_pydoc_text():
     tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="[UNK]")
     plan = DepthUpscaler(m).plan(layout="auto", tokenizer=tok)
     assert "pydoc_data.topics" in plan.reason and plan.num_layers == 12
+
+
+def test_auto_is_the_default_and_without_a_tokenizer_warns_and_is_uniform():
+    from hf_deepen import LayoutWarning, new_layer_indices
+    from hf_deepen.layouts import _LAYOUTS
+
+    assert UpscaleConfig().layout == "auto" and UpscaleConfig(every_k=2).layout == "uniform"
+    model = tiny(8)
+    up = DepthUpscaler(model)  # a model object: no tokenizer for the default text
+    with pytest.warns(LayoutWarning, match="no calibration pass"):
+        up.upscale(progress=False)
+    uniform = _LAYOUTS["uniform"](4, 7, 8)
+    assert [s.sources[0] for s in up.report.plan.layers if s.kind == "new"] == uniform
+    stage = model.config.hf_deepen["stages"][-1]
+    assert stage["layout"] == "auto" and "flat profile" in stage["layout_reason"]
+    assert new_layer_indices(model) == [p + 1 + i for i, p in enumerate(uniform)]
+
+
+def test_auto_keeps_to_the_slots_the_family_accepts():
+    """A MoE model with a dense layer in the middle: fusing it with a sparse neighbour is refused, so
+    the auto layout must choose around it (a fixed layout that crosses it is refused)."""
+    from transformers import Qwen2MoeConfig
+
+    cfg = Qwen2MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                         num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, vocab_size=300, num_experts=4,
+                         num_experts_per_tok=2, mlp_only_layers=[4], decoder_sparse_step=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    up = DepthUpscaler(model)
+    with pytest.raises(PlanError, match="dense MLP"):
+        up.plan(method="opt", layout="uniform")  # slots 0, 2, 4, 6 of 7: (4, 5) mixes kinds
+    plan = up.plan(method="opt", layout="auto", calibration=ids())
+    slots = [s.sources[0] for s in plan.layers if s.kind == "new"]
+    assert len(slots) == 4 and not {3, 4} & set(slots), slots
+    assert "slots skipped (refused by the architecture" in plan.reason
+    up.upscale(method="opt", layout="auto", calibration=ids(), progress=False)
+    assert model.config.num_hidden_layers == 12

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_deepen import DepthUpscaler, PlanError
+from hf_deepen import DepthUpscaler, LayoutWarning, PlanError
 from hf_deepen.arch import get_module, get_spec
 from hf_deepen.streaming import upscale_checkpoint
 
@@ -38,6 +38,9 @@ def test_fusing_dense_with_sparse_is_refused(method, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     up = DepthUpscaler(model)
     with pytest.raises(PlanError, match=r"layers \[1, 2\].*positions= from \[0\].*method='copy'"):
+        up.plan(method=method, layout="top")
+    # the default layout (auto) keeps to the slots the family accepts: one here, for two new layers
+    with pytest.raises(PlanError, match=r"positions= from \[0\]"), pytest.warns(LayoutWarning):
         up.plan(method=method)
     with pytest.raises(PlanError, match="dense MLP"):
         up.upscale(method=method, progress=False)

@@ -85,7 +85,7 @@ def test_resolved_run_is_frozen():
 
     model = tiny_model("gqa")
     up = DepthUpscaler(model)
-    cfg = options(None, {"method": "avg"})
+    cfg = options(None, {"method": "avg", "layout": "top"})
     run = resolve(cfg, up.spec, model.config, make_plan(cfg, up.spec, model.config, 6), "x")
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.plan = None

@@ -43,7 +43,11 @@ def test_upscale_30_to_45_function_preserving_and_round_trip(smol, tmp_path):
     smol.upscale()
     r = smol.report
     assert model.config.num_hidden_layers == 45 and len(model.model.layers) == 45
-    assert r.plan.new_layer_indices == list(range(15, 45, 2))
+    # the default layout is auto: placed by a block-influence pass on the pydoc topics, recorded with its
+    # reason; on SmolLM2 it spreads the layers over the whole depth (the paper's top half would be 15, 17, ..., 43)
+    assert r.plan.layout == "auto" and "calibration tokens of pydoc_data.topics" in r.plan.reason
+    assert len(r.plan.new_layer_indices) == 15 and r.plan.new_layer_indices[:2] == [1, 3]
+    assert model.config.hf_deepen["stages"][-1]["layout_reason"] == r.plan.reason
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=0)
     # alignment did something measurable on real weights

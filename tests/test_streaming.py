@@ -124,7 +124,7 @@ def test_streaming_calibration_refusals_leave_nothing(tmp_path):
 
     tiny_model("gqa").save_pretrained(tmp_path / "base")
     with pytest.raises(ConfigError, match="only used with"):
-        upscale_checkpoint(tmp_path / "base", tmp_path / "out", calibration=CALIB)  # weights, fixed layout
+        upscale_checkpoint(tmp_path / "base", tmp_path / "out", calibration=CALIB, layout="top")  # weights, fixed layout
     with pytest.raises(ConfigError, match="needs calibration text"):
         upscale_checkpoint(tmp_path / "base", tmp_path / "out", align_on="activations")
     with pytest.raises(ConfigError, match="has none"):  # text, and the checkpoint has no tokenizer

@@ -36,7 +36,8 @@ def tiny(seed: int = 0) -> LlamaForCausalLM:
 
 
 def upscaled(method: str = "opt", **kw) -> LlamaForCausalLM:
-    return DepthUpscaler(tiny()).upscale(method=method, progress=False, **kw)
+    # the paper's top layout: fixed positions (new layers 2 and 4) that the assertions below name
+    return DepthUpscaler(tiny()).upscale(method=method, progress=False, **{"layout": "top", **kw})
 
 
 def layer_numel(model, idx) -> int:
@@ -65,7 +66,7 @@ def test_freeze_counts_match_new_layers(capsys):
 
 
 def test_freeze_refreezes_and_respects_stage_and_layers():
-    model = DepthUpscaler(upscaled()).upscale(method="avg", progress=False)  # 4 -> 6 -> 9 layers
+    model = DepthUpscaler(upscaled()).upscale(method="avg", layout="top", progress=False)  # 4 -> 6 -> 9 layers
     assert new_layer_indices(model) == [2, 3, 5, 6, 7]
     for p in model.parameters():
         p.requires_grad_(True)
@@ -195,13 +196,13 @@ def run_example(cmd: list[str], out: Path, timeout: int = 120) -> dict:
 
 def check_saved(path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(path)
-    assert model.config.num_hidden_layers == 6 and new_layer_indices(model) == [2, 4]
+    assert model.config.num_hidden_layers == 6 and new_layer_indices(model) == [1, 4]  # the tiny examples: layout auto
 
 
 def test_example_cpt(tmp_path):
     m = run_example([sys.executable, "examples/cpt_new_layers.py", "--tiny", "--max-steps", "2", "--seq-len", "64",
                      "--out", str(tmp_path)], tmp_path)
-    assert m["new_layers"] == [2, 4] and m["frozen_unchanged"] and m["steps"] == 2
+    assert m["new_layers"] == [1, 4] and m["frozen_unchanged"] and m["steps"] == 2
     assert m["trainable"] < m["total"]
     check_saved(tmp_path / "model")
 
@@ -209,7 +210,7 @@ def test_example_cpt(tmp_path):
 def test_example_sft_trl(tmp_path):
     m = run_example([sys.executable, "examples/sft_trl.py", "--tiny", "--max-steps", "2", "--seq-len", "256",
                      "--out", str(tmp_path)], tmp_path)
-    assert m["new_layers"] == [2, 4] and m["eval_loss_after"] != m["eval_loss_before"]
+    assert m["new_layers"] == [1, 4] and m["eval_loss_after"] != m["eval_loss_before"]
     assert m["frozen_unchanged"] and m["changed_tensors"] == 2 * 9  # every tensor of the 2 new layers
     check_saved(tmp_path / "model")
 
@@ -217,7 +218,7 @@ def test_example_sft_trl(tmp_path):
 def test_example_lora(tmp_path):
     m = run_example([sys.executable, "examples/lora_new_layers.py", "--tiny", "--max-steps", "2", "--seq-len", "64",
                      "--out", str(tmp_path)], tmp_path)
-    assert m["changed_layers"] == [2, 4] and m["changed_tensors"] > 0
+    assert m["changed_layers"] == [1, 4] and m["changed_tensors"] > 0
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     check_saved(tmp_path / "merged")
 
@@ -235,5 +236,5 @@ def test_example_accelerate_two_cpu_processes(tmp_path):
            "examples/accelerate_cpt.py", "--cpu", "--tiny", "--max-steps", "2", "--seq-len", "64", "--out", str(tmp_path)]
     m = run_example(cmd, tmp_path, timeout=150)
     assert m["num_processes"] == 2 and "MULTI_CPU" in m["distributed_type"]
-    assert m["new_layers"] == [2, 4] and m["steps"] == 2
+    assert m["new_layers"] == [1, 4] and m["steps"] == 2
     check_saved(tmp_path / "model")

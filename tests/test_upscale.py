@@ -99,10 +99,10 @@ def test_solar_layout_and_not_function_preserving(ids):
     torch.testing.assert_close(model.model.layers[6].mlp.up_proj.weight, model.model.layers[2].mlp.up_proj.weight)
 
 
-def test_paper_default_positions():
-    assert DepthUpscaler(tiny_model("gqa", layers=6)).plan().new_layer_indices == [3, 5, 7]
+def test_paper_top_layout_positions():
+    assert DepthUpscaler(tiny_model("gqa", layers=6)).plan(layout="top").new_layer_indices == [3, 5, 7]
     up = DepthUpscaler(tiny_model("mha", layers=4))
-    plan = up.plan()
+    plan = up.plan(layout="top")
     assert plan.num_layers == 6
     # pairs (i, i+1) for i = L/2-1 .. L-2
     assert [s.sources for s in plan.layers if s.kind == "new"] == [(1, 2), (2, 3)]

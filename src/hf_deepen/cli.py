@@ -37,8 +37,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                    help=f"entropic regularisation relative to the mean cost (default: {d.sinkhorn_reg})")
     g.add_argument("--sinkhorn-max-iter", type=int, default=S, help=f"default: {d.sinkhorn_max_iter}")
     g.add_argument("--layout", choices=[l for l in LAYOUTS if l not in ("positions", "solar")], default=S,
-                   help="top (paper default: interleave the top half), middle, bottom, uniform, auto (spread along"
-                        " how much each layer changes the hidden state on --calibration text, default pydoc topics)")
+                   help="auto (default, what won our quality study: spread along how much each layer changes the"
+                        " hidden state on --calibration text, default pydoc topics; uniform when the checkpoint has no"
+                        " tokenizer), top (the paper's: interleave the top half), middle, bottom, uniform")
     g.add_argument("--num-layers", type=int, default=S, help="target depth (default: L + L//2, e.g. 30 -> 45)")
     g.add_argument("--positions", type=_positions, default=S,
                    help="explicit comma-separated positions: a new layer after base layer p (built from p and p+1)")

@@ -20,6 +20,9 @@ CONFIG_VERSION = 1
 METHODS = ("opt", "avg", "copy", "solar")
 SOLVERS = ("exact", "sinkhorn")
 LAYOUTS = ("top", "middle", "bottom", "uniform", "auto", "positions", "solar")
+#: the layout when none is asked for: ``"auto"``, what won our quality study (benchmarks/README.md,
+#: "Quality study": new layers only, both real models); the paper's ``"top"`` measured worst there
+DEFAULT_LAYOUT = "auto"
 ZERO_TARGETS = ("auto", "outputs", "post_norm")
 ALIGN_ON = ("weights", "activations")
 
@@ -47,17 +50,20 @@ class UpscaleConfig:
         ``upscale(calibration=...)``: neuron activations by correlation, each head's contribution
         to the residual stream by cosine; see ``align/activations.py``). In-memory path only.
     calibration_tokens:
-        For ``align_on="activations"``: at most this many calibration tokens are used.
+        For ``align_on="activations"`` and ``layout="auto"``: at most this many calibration tokens are used.
     sinkhorn_reg:
         Entropic regularisation, relative to the mean of the cost matrix (the cost is divided by its
         mean before solving, so the value means the same on any model and dtype).
     layout:
-        Where new layers go. ``"top"`` (paper default: one new layer between each adjacent pair of
-        the top half), ``"middle"``, ``"bottom"``, ``"uniform"`` (after every ``every_k``-th layer,
-        or spread evenly when ``num_layers`` is given), ``"auto"`` (from a calibration pass: spread
-        along how much each base layer changes the hidden state, see ``auto_layout.py``; in-memory
-        path only), ``"positions"`` (the explicit list
-        ``positions``) and ``"solar"`` (forced by ``method="solar"``).
+        Where new layers go. ``"auto"`` (default, what won our quality study: a calibration pass on
+        ``calibration`` text, default CPython's pydoc topics, spreads the new layers along how much each
+        base layer changes the hidden state, see ``auto_layout.py``; without a tokenizer for the
+        default text it warns (:class:`~hf_deepen.LayoutWarning`) and uses ``"uniform"``, its result
+        on a flat profile), ``"top"`` (the paper's: one new layer between each adjacent pair of the
+        top half), ``"middle"``, ``"bottom"``, ``"uniform"`` (after every ``every_k``-th layer, or
+        spread evenly when ``num_layers`` is given), ``"positions"`` (the explicit list
+        ``positions``) and ``"solar"`` (forced by ``method="solar"``). ``every_k`` alone implies
+        ``"uniform"``.
     num_layers:
         Target depth. Default: ``L + L // 2`` (30 -> 45, 32 -> 48), as in the paper.
     positions:
@@ -142,7 +148,7 @@ class UpscaleConfig:
         elif self.layout == "solar":
             raise ConfigError("layout='solar' only goes with method='solar'")
         if self.layout is None:
-            self.layout = "uniform" if self.every_k is not None else "top"
+            self.layout = "uniform" if self.every_k is not None else DEFAULT_LAYOUT
         if self.layout not in LAYOUTS:
             raise ConfigError(f"unknown layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
         if self.layout == "positions" and self.positions is None:

@@ -52,7 +52,8 @@ def run_demo(out: str = "outputs/smollm2-135m-instruct-45l", solver: str = "exac
     base_answer, base_tokens = _generate(model, tok, inputs, max_new_tokens)
     t_base = time.perf_counter() - t
 
-    print(f"[2/5] upscaling 30 -> 45 layers with OpT-DeUS (solver={solver}, top-half interleave, zero-init)")
+    print(f"[2/5] upscaling 30 -> 45 layers with OpT-DeUS (solver={solver}, layout=auto: placed by a calibration pass"
+          " on pydoc text, zero-init)")
     up.upscale(method="opt", solver=solver, progress=True)
     report = up.report
     assert report is not None
@@ -80,6 +81,7 @@ def run_demo(out: str = "outputs/smollm2-135m-instruct-45l", solver: str = "exac
     timings = {
         "load base": report.timings.get("load", 0.0),
         "base forward+generate": t_base,
+        "layout calibration": report.timings.get("layout_calibration", 0.0),
         "align+fuse": report.timings["align+fuse"],
         "surgery": report.timings["surgery"],
         "check+generate": t_check,

@@ -57,3 +57,8 @@ class Interrupted(KeyboardInterrupt):
 
 class AlignmentWarning(UserWarning):
     """An OT plan degenerated: marginals off, or the plan costs more than leaving units in place."""
+
+
+class LayoutWarning(UserWarning):
+    """``layout="auto"`` could not run its calibration pass (no tokenizer for the default text) and used
+    the uniform layout, its result on a flat profile."""

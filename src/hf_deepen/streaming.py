@@ -137,7 +137,14 @@ class _Calibration:
         from .auto_layout import auto_layout_ids, auto_scores, block_influence
         from .pipeline.layerwise import layerwise_model
 
-        ids, what = auto_layout_ids(cfg, self.config, self.calibration, self.tokenizer(self.calibration))
+        try:
+            ids, what = auto_layout_ids(cfg, self.config, self.calibration, self.tokenizer(self.calibration))
+        except ConfigError as e:  # no tokenizer, or one that makes less than a block of the default text
+            if self.calibration is not None:
+                raise
+            from .auto_layout import flat_scores
+
+            return flat_scores(cfg, self.config.num_hidden_layers, str(e))
         n = self.config.num_hidden_layers
         with layerwise_model(self.source, self.config, self.spec.layers_path, n - 1, ids) as (runner, layers):
             bi = block_influence(runner, layers, ids, device=torch.device("cpu"))

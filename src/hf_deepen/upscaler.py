@@ -30,7 +30,7 @@ class DepthUpscaler:
     """Make a pretrained decoder-only model deeper.
 
     >>> up = DepthUpscaler.from_pretrained("HuggingFaceTB/SmolLM2-135M")  # doctest: +SKIP
-    >>> model = up.upscale()                      # OpT-DeUS, exact OT, top-half interleave
+    >>> model = up.upscale()                      # OpT-DeUS, exact OT, layout="auto" (calibration pass)
     >>> model.save_pretrained("out")
 
     The model is changed **in place**: base layers are reused, not copied, new layers are inserted
@@ -158,8 +158,20 @@ class DepthUpscaler:
         from .auto_layout import auto_layout_ids, auto_scores, block_influence
 
         if tokenizer is None and not isinstance(calibration, torch.Tensor):
-            tokenizer = self.tokenizer
-        ids, source = auto_layout_ids(cfg, self.model.config, calibration, tokenizer)
+            try:
+                tokenizer = self.tokenizer
+            except (OSError, ValueError) as e:  # a checkpoint without tokenizer files
+                if calibration is not None:
+                    raise ConfigError(f"calibration text needs a tokenizer and the model has none ({e.__class__.__name__}):"
+                                      " pass tokenizer=... or token ids") from e
+        from .auto_layout import flat_scores
+
+        try:
+            ids, source = auto_layout_ids(cfg, self.model.config, calibration, tokenizer)
+        except ConfigError as e:  # no tokenizer, or one that makes less than a block of the default text
+            if calibration is not None:
+                raise
+            return flat_scores(cfg, len(self._layers()), str(e))
         return auto_scores(block_influence(self.model, self._layers(), ids), cfg, ids, source)
 
     def _calibrate(self, cfg: UpscaleConfig, layers: torch.nn.ModuleList, indices: set[int], calibration: Any,
