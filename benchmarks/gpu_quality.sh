@@ -6,9 +6,10 @@
 #
 # What runs: benchmarks/study.py --budget gpu (64 steps x 64 x 512 = 2,097,152 training tokens per
 # run, bf16 autocast with fp32 master weights) on the pre-tokenized corpus of make_corpus.py, both
-# models, protocol `new` (base frozen) plus the `base` reference, variants opt-uniform, copy-uniform,
-# copy-every2, opt-auto, seeds 0 and 1, seed-major (every variant of both models gets seed 0 before
-# any gets seed 1). study.py stops itself, checkpointed, at GPU_QUALITY_SECONDS (default 420 s), so
+# models, protocol `new` (base frozen) plus the `base` reference, variants opt-auto (the library
+# default), copy-auto (copies at its positions), copy-every2 (LLaMA Pro), opt-uniform, copy-uniform,
+# seeds 0 and 1, seed-major (every variant of both models gets seed 0 before any gets seed 1), the
+# default's comparisons first. study.py stops itself, checkpointed, at GPU_QUALITY_SECONDS (default 420 s), so
 # the whole call stays inside 8 minutes with whatever finished cached as JSON.
 #
 # Inputs that must travel to the device (it reaches nothing): the corpus
@@ -47,7 +48,7 @@ else
         --corpus "${GPU_QUALITY_CORPUS:-benchmarks/.work/corpus/corpus.npz.xz}")
 fi
 "$PY" benchmarks/study.py "${ARGS[@]}" --data corpus --protocols new --seeds 0,1 \
-  --variants opt-uniform,copy-uniform,copy-every2,opt-auto,base \
+  --variants opt-auto,copy-auto,copy-every2,base,opt-uniform,copy-uniform \
   --results "$RESULTS" --work "$WORK" --readme no --ckpt-seconds 100000 \
   --time-limit "$SECONDS_LIMIT" 2>&1 | tr "\r" "\n" | tee "$LOG" | grep -v "^study " | tail -n 40
 if [ -n "${OUT:-}" ] && [ -d "$RESULTS/$BUDGET" ]; then
