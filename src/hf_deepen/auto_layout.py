@@ -122,15 +122,23 @@ def auto_layout_ids(cfg: Any, config: Any, calibration: Any, tokenizer: Any) -> 
 
 def auto_scores(bi: Sequence[float], cfg: Any, ids: torch.Tensor, source: str) -> tuple[list[float], str | None]:
     """Slot scores from the block influence ``bi`` and the reason recorded in the plan."""
-    from .layouts import FUSIONS_NEEDING_PAIR
+    from .layouts import FUSIONS_NEEDING_PAIR, target_depth
 
     scores = slot_scores(bi, cfg.method in FUSIONS_NEEDING_PAIR)
     n_base = len(bi)
-    n_new = (cfg.num_layers if cfg.num_layers is not None else n_base + n_base // 2) - n_base
+    n_new = target_depth(n_base, cfg) - n_base
     why = None
     if 0 < n_new <= len(scores):
         why = reason(bi, scores, auto_positions(scores, n_new), int(ids.numel()), source)
     return scores, why
+
+
+def flat_profile(cfg: Any, num_base: int) -> list[float]:
+    """One equal score per insertion slot (``num_base - 1`` slots for a fusion, ``num_base`` for a copy):
+    the profile on which ``auto`` places its layers as ``uniform`` does."""
+    from .layouts import FUSIONS_NEEDING_PAIR
+
+    return [1.0] * (num_base - 1 if cfg.method in FUSIONS_NEEDING_PAIR else num_base)
 
 
 def flat_scores(cfg: Any, num_base: int, why: str) -> tuple[list[float], str]:
@@ -140,14 +148,12 @@ def flat_scores(cfg: Any, num_base: int, why: str) -> tuple[list[float], str]:
     import warnings
 
     from .errors import LayoutWarning
-    from .layouts import FUSIONS_NEEDING_PAIR
 
     warnings.warn(
         f"layout='auto' ran no calibration pass on the default text ({why}) and uses the uniform layout, its result on a flat"
         " profile: pass calibration= token ids or tokenizer=... to place the layers from data, or"
         " layout='uniform' to choose this explicitly", LayoutWarning, stacklevel=4)
-    scores = [1.0] * (num_base - 1 if cfg.method in FUSIONS_NEEDING_PAIR else num_base)
-    return scores, ("auto without a calibration pass (no usable tokenizer for the default calibration text): a flat"
+    return flat_profile(cfg, num_base), ("auto without a calibration pass (no usable tokenizer for the default calibration text): a flat"
                     " profile, i.e. the uniform layout")
 
 

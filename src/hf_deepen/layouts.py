@@ -55,6 +55,11 @@ def _uniform(n_new: int, n_slots: int, num_base: int) -> list[int]:
     return [((i + 1) * n_slots) // n_new - 1 for i in range(n_new)]
 
 
+def target_depth(num_base: int, config: UpscaleConfig) -> int:
+    """The depth asked for: ``num_layers``, default ``L + L // 2`` (30 -> 45, 32 -> 48)."""
+    return config.num_layers if config.num_layers is not None else num_base + num_base // 2
+
+
 def build_plan(num_base: int, config: UpscaleConfig, scores: list[float] | None = None,
                reason: str | None = None, allowed: set[int] | None = None) -> DepthPlan:
     """Build the depth plan for a model with ``num_base`` decoder layers.
@@ -66,7 +71,7 @@ def build_plan(num_base: int, config: UpscaleConfig, scores: list[float] | None 
     if num_base < 1:
         raise PlanError(f"the model has {num_base} decoder layers: nothing to upscale")
     if config.layout == "solar":
-        return _solar_plan(num_base, config.num_layers if config.num_layers is not None else num_base + num_base // 2)
+        return _solar_plan(num_base, target_depth(num_base, config))
 
     needs_pair = config.method in FUSIONS_NEEDING_PAIR
     n_slots = num_base - 1 if needs_pair else num_base
@@ -96,7 +101,7 @@ def build_plan(num_base: int, config: UpscaleConfig, scores: list[float] | None 
             if n_new == 0:
                 raise PlanError(f"every_k={config.every_k} inserts nothing in {num_base} layers: choose every_k <= {n_slots}")
         else:
-            target = config.num_layers if config.num_layers is not None else num_base + num_base // 2
+            target = target_depth(num_base, config)
             n_new = target - num_base
             if n_new <= 0:
                 raise PlanError(

@@ -134,7 +134,7 @@ class _Calibration:
     def auto_scores(self, cfg: UpscaleConfig) -> tuple[Any, Any]:
         if cfg.layout != "auto":
             return None, None
-        from .auto_layout import auto_layout_ids, auto_scores, block_influence
+        from .auto_layout import auto_layout_ids, auto_scores, block_influence, flat_scores
         from .pipeline.layerwise import layerwise_model
 
         try:
@@ -142,8 +142,6 @@ class _Calibration:
         except ConfigError as e:  # no tokenizer, or one that makes less than a block of the default text
             if self.calibration is not None:
                 raise
-            from .auto_layout import flat_scores
-
             return flat_scores(cfg, self.config.num_hidden_layers, str(e))
         n = self.config.num_hidden_layers
         with layerwise_model(self.source, self.config, self.spec.layers_path, n - 1, ids) as (runner, layers):

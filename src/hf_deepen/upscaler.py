@@ -155,7 +155,7 @@ class DepthUpscaler:
         """``layout="auto"``: slot scores and the reason from a block-influence pass; else ``(None, None)``."""
         if cfg.layout != "auto":
             return None, None
-        from .auto_layout import auto_layout_ids, auto_scores, block_influence
+        from .auto_layout import auto_layout_ids, auto_scores, block_influence, flat_scores
 
         if tokenizer is None and not isinstance(calibration, torch.Tensor):
             try:
@@ -164,8 +164,6 @@ class DepthUpscaler:
                 if calibration is not None:
                     raise ConfigError(f"calibration text needs a tokenizer and the model has none ({e.__class__.__name__}):"
                                       " pass tokenizer=... or token ids") from e
-        from .auto_layout import flat_scores
-
         try:
             ids, source = auto_layout_ids(cfg, self.model.config, calibration, tokenizer)
         except ConfigError as e:  # no tokenizer, or one that makes less than a block of the default text

@@ -222,10 +222,10 @@ def check_plan(config: Any, cfg: Any) -> Any:
         spec.zero_target(cfg.zero_target)
     n = spec.num_layers(config)
     if cfg.layout == "auto":  # the positions come from the calibration pass: check that enough slots are accepted
-        from .layouts import FUSIONS_NEEDING_PAIR
+        from .auto_layout import flat_profile
         from .pipeline import make_plan
 
-        return make_plan(cfg, spec, config, n, [1.0] * (n - 1 if cfg.method in FUSIONS_NEEDING_PAIR else n))
+        return make_plan(cfg, spec, config, n, flat_profile(cfg, n))
     plan = build_plan(n, cfg)
     spec.check_plan(plan, config)
     return plan

@@ -296,11 +296,15 @@ class DiscoveredSpec(ArchSpec):
         warnings.warn(why, ArchitectureWarning, stacklevel=3)
         return why
 
+    def built_alike(self, lower: int, upper: int) -> bool:
+        sigs = self.layer_signatures
+        return max(lower, upper) >= len(sigs) or sigs[lower] == sigs[upper]
+
     def fusion_refusal(self, lower: int, upper: int, method: str) -> str | None:
         """:meth:`_fuse_mixed`'s refusal, from the layers' signatures: OT between two layers of different
         kinds needs a proven unit whose tensors both have."""
         sigs = self.layer_signatures
-        if method != "opt" or not sigs or max(lower, upper) >= len(sigs) or sigs[lower] == sigs[upper]:
+        if method != "opt" or self.built_alike(lower, upper):
             return None
         common = {k for k, _ in set(sigs[lower]) & set(sigs[upper])}
         facts = self.facts.get(sigs[lower], NO_FACTS)  # the new layer is the lower parent's kind (for_state)

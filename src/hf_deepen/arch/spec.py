@@ -190,6 +190,11 @@ class ArchSpec:
         ``layout="auto"`` keeps away from such pairs."""
         return None
 
+    def built_alike(self, lower: int, upper: int) -> bool:
+        """Whether base layers ``lower`` and ``upper`` have the same structure (default: True, a named
+        family's layers all do); ``layout="auto"`` prefers fusing such pairs."""
+        return True
+
     def check_plan(self, plan: Any, config: Any) -> None:
         """Raise if this model cannot follow ``plan`` (a :class:`~hf_deepen.plan.DepthPlan`).
 

@@ -27,7 +27,7 @@ from ..arch.spec import ArchSpec, HeadShape
 from ..config import UpscaleConfig
 from ..errors import AlignmentWarning, PlanError, UnsupportedArchitectureError
 from ..fuse import FusionResult, add_stage_seconds, build_layer_state
-from ..layouts import FUSIONS_NEEDING_PAIR, build_plan
+from ..layouts import FUSIONS_NEEDING_PAIR, build_plan, target_depth
 from ..plan import DepthPlan, LayerSource
 from ..report import UpscaleReport
 from .sink import Sink
@@ -59,7 +59,7 @@ def make_plan(cfg: UpscaleConfig, spec: ArchSpec, config: Any, num_base: int, sc
 
     ``layout="auto"`` chooses among the slots the family accepts: pairs it knows it cannot fuse
     (:meth:`~hf_deepen.arch.spec.ArchSpec.fusion_refusal`) are never proposed; where enough slots fuse two layers
-    built alike (``layer_signatures`` of a discovered spec), a fusion of two layers built differently
+    built alike (:meth:`~hf_deepen.arch.spec.ArchSpec.built_alike`), a fusion of two layers built differently
     (a dense first layer before MoE ones, a layer 0 without an attention norm) is not proposed; and a
     slot the family's ``check_plan`` refuses on its own is dropped and the positions chosen again, so
     the default layout does not ask for a plan a fixed layout could avoid."""
@@ -72,11 +72,9 @@ def make_plan(cfg: UpscaleConfig, spec: ArchSpec, config: Any, num_base: int, sc
     if cfg.method in FUSIONS_NEEDING_PAIR:  # pairs the family already knows it cannot fuse
         unfusable = {p: why for p in allowed for why in [spec.fusion_refusal(p, p + 1, cfg.method)] if why}
         allowed -= set(unfusable)
-    sigs = tuple(getattr(spec, "layer_signatures", ()) or ())
-    if cfg.method in FUSIONS_NEEDING_PAIR and len(sigs) == num_base:
-        alike = {p for p in allowed if sigs[p] == sigs[p + 1]}  # (a preference: used when there are enough)
-        n_new = (cfg.num_layers if cfg.num_layers is not None else num_base + num_base // 2) - num_base
-        if len(alike) >= n_new:  # (hybrid stacks whose kinds alternate keep every slot: the family decides)
+    if cfg.method in FUSIONS_NEEDING_PAIR:
+        alike = {p for p in allowed if spec.built_alike(p, p + 1)}  # (a preference: used when there are enough)
+        if len(alike) >= target_depth(num_base, cfg) - num_base:  # (hybrid stacks whose kinds alternate keep every slot)
             allowed = alike
     dropped = set(range(len(scores))) - allowed
     refusal: Exception | None = None
@@ -97,10 +95,8 @@ def make_plan(cfg: UpscaleConfig, spec: ArchSpec, config: Any, num_base: int, sc
             break
         except (PlanError, UnsupportedArchitectureError) as e:
             refusal = e
-            new = [i for i, s in enumerate(plan.layers) if s.kind == "new"]
             bad = set()
-            for i in new:  # which of the chosen slots does the family refuse on its own?
-                p = plan.layers[i].sources[0]
+            for p in (s.sources[0] for s in plan.layers if s.kind == "new"):  # which chosen slots does the family refuse on its own?
                 one = build_plan(num_base, dataclasses.replace(cfg, layout="positions", positions=[p], num_layers=None))
                 try:
                     spec.check_plan(one, config)
