@@ -96,6 +96,39 @@ def test_default_calibration_is_pydoc_text():
     assert "pydoc_data.topics" in plan.reason and plan.num_layers == 12
 
 
+def test_calibration_text_longer_than_the_model_maximum_is_not_a_warning():
+    """The calibration text is one long token stream cut into short blocks: the tokenizer's warning that
+    the stream is longer than the model's maximum length is wrong here and must not reach the user."""
+    import logging
+
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    t = Tokenizer(models.WordLevel({"[UNK]": 0, **{chr(97 + i): i + 1 for i in range(26)}}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    def make():  # a tokenizer warns once per instance: one to show the warning is heard, one for the run
+        return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="[UNK]", model_max_length=64)
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("transformers.tokenization_utils_base")
+    h = Keep(level=logging.WARNING)
+    log.addHandler(h)
+    try:
+        make()("a" * 100)  # the warning this test listens for does reach the handler
+        assert any("longer than the specified maximum" in m for m in seen), seen
+        seen.clear()
+        plan = DepthUpscaler(tiny()).plan(layout="auto", tokenizer=make())
+    finally:
+        log.removeHandler(h)
+    assert "pydoc_data.topics" in plan.reason
+    assert not [m for m in seen if "longer than the specified maximum" in m], seen
+
+
 def test_auto_is_the_default_and_without_a_tokenizer_warns_and_is_uniform():
     from hf_deepen import LayoutWarning, new_layer_indices
     from hf_deepen.layouts import _LAYOUTS

@@ -15,6 +15,17 @@ from typing import Any
 import torch
 
 
+def text_ids(tokenizer: Any, text: str) -> torch.Tensor:
+    """All token ids of ``text`` (no special tokens), 1-D: one long stream that the callers cut into
+    blocks, so the tokenizer's warning about sequences longer than the model's maximum is silenced
+    (``verbose=False``, for transformers' tokenizers; any other callable is called without it): no block
+    is ever that long."""
+    from transformers import PreTrainedTokenizerBase
+
+    quiet = {"verbose": False} if isinstance(tokenizer, PreTrainedTokenizerBase) else {}
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False, **quiet).input_ids[0]
+
+
 def bos_prefix(tokenizer: Any) -> list[int]:
     """``[bos_token_id]`` if ``tokenizer`` prepends BOS when it adds special tokens (Gemma), else ``[]``.
 
@@ -38,7 +49,7 @@ def heldout_loss(model: Any, tokenizer: Any, text: str, block_size: int = 256, b
 
     if block_size < 2:
         raise ConfigError(f"block_size must be at least 2, got {block_size}")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = text_ids(tokenizer, text)
     prefix = bos_prefix(tokenizer)
     body = block_size - len(prefix)
     n = ids.numel() // body

@@ -89,7 +89,9 @@ def calibration_ids(tokenizer: Any, calibration: Any, num_tokens: int, seq_len: 
             " pass token ids"
         )
     sep = tokenizer.eos_token or "\n\n"
-    ids = tokenizer(sep.join(calibration), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    from ..evaluate import text_ids
+
+    ids = text_ids(tokenizer, sep.join(calibration))
     n = min(ids.numel(), num_tokens) // seq_len
     if n == 0:
         raise ConfigError(
