@@ -111,6 +111,10 @@ VARIANTS = [
             "LLaMA Pro copies (of f_p, outputs zeroed) at exactly opt-auto's positions (same calibration)"),
     Variant("opt-top", dict(method="opt", layout="top"),
             "OpT-DeUS, the paper's top-half interleave"),
+    Variant("opt-middle", dict(method="opt", layout="middle"),
+            "OpT-DeUS, new layers interleaved in the middle half (the fixed-layout comparison for 'auto')"),
+    Variant("opt-bottom", dict(method="opt", layout="bottom"),
+            "OpT-DeUS, new layers interleaved in the bottom half (the fixed-layout comparison for 'auto')"),
     Variant("base", None, "the base model, all parameters trained on the same tokens"),
     Variant("base-compute", None, "the base model, all parameters trained for the deep model's compute"
             " (deep/base layers = 1.5x the steps and tokens)", compute_matched=True),
@@ -124,7 +128,8 @@ CALIBRATION_TOKENS = 2048
 #: the comparisons the report resolves: (a, b) -> is a better than b by more than 2x the paired std?
 KEY_PAIRS = [("opt-uniform", "copy-uniform"), ("opt-uniform", "copy-every2"), ("opt-auto", "opt-uniform"),
              ("opt-auto", "copy-uniform"), ("opt-auto", "copy-every2"), ("opt-auto", "copy-auto"),
-             ("opt-auto", "opt-top"), ("opt-uniform", "opt-top"),
+             ("opt-auto", "opt-top"), ("opt-uniform", "opt-top"), ("opt-auto", "opt-middle"),
+             ("opt-auto", "opt-bottom"),
              ("opt-uniform", "base"), ("opt-uniform", "base-compute"), ("opt-auto", "base"),
              ("opt-auto", "base-compute")]
 
