@@ -37,7 +37,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                    help=f"entropic regularisation relative to the mean cost (default: {d.sinkhorn_reg})")
     g.add_argument("--sinkhorn-max-iter", type=int, default=S, help=f"default: {d.sinkhorn_max_iter}")
     g.add_argument("--layout", choices=[l for l in LAYOUTS if l not in ("positions", "solar")], default=S,
-                   help="auto (default, what won our quality study: spread along how much each layer changes the"
+                   help="auto (default, the leader of our quality study: spread along how much each layer changes the"
                         " hidden state on --calibration text, default pydoc topics; uniform when the checkpoint has no"
                         " tokenizer), top (the paper's: interleave the top half), middle, bottom, uniform")
     g.add_argument("--num-layers", type=int, default=S, help="target depth (default: L + L//2, e.g. 30 -> 45)")

@@ -20,7 +20,7 @@ CONFIG_VERSION = 1
 METHODS = ("opt", "avg", "copy", "solar")
 SOLVERS = ("exact", "sinkhorn")
 LAYOUTS = ("top", "middle", "bottom", "uniform", "auto", "positions", "solar")
-#: the layout when none is asked for: ``"auto"``, what won our quality study (benchmarks/README.md,
+#: the layout when none is asked for: ``"auto"``, the leader of our quality study (benchmarks/README.md,
 #: "Quality study": new layers only, both real models); the paper's ``"top"`` measured worst there
 DEFAULT_LAYOUT = "auto"
 ZERO_TARGETS = ("auto", "outputs", "post_norm")
@@ -55,7 +55,7 @@ class UpscaleConfig:
         Entropic regularisation, relative to the mean of the cost matrix (the cost is divided by its
         mean before solving, so the value means the same on any model and dtype).
     layout:
-        Where new layers go. ``"auto"`` (default, what won our quality study: a calibration pass on
+        Where new layers go. ``"auto"`` (default, the leader of our quality study: a calibration pass on
         ``calibration`` text, default CPython's pydoc topics, spreads the new layers along how much each
         base layer changes the hidden state, see ``auto_layout.py``; without a tokenizer for the
         default text it warns (:class:`~hf_deepen.LayoutWarning`) and uses ``"uniform"``, its result
