@@ -227,7 +227,10 @@ def test_read_only_output(base, small_disk, capsys):
 
 # ---- interrupted runs (real processes) -------------------------------------------------------------
 SLOW_RUN = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # Ctrl-C as in a terminal: a shell without job control starts background jobs (cmd &) with SIGINT
+    # ignored, children inherit that, and Python then installs no KeyboardInterrupt handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import hf_deepen.pipeline as pl
     fuse = pl.build_layer_state
     def slow(*a, **k):  # hold the run in its first new layer, with shards half written
@@ -240,19 +243,11 @@ SLOW_RUN = textwrap.dedent("""
 """)
 
 
-def _default_sigint() -> None:
-    """In the child before exec: SIGINT back to its default. A shell without job control starts
-    background jobs with SIGINT ignored (``cmd &``), children inherit that, and Python then installs
-    no KeyboardInterrupt handler: the SIGINT case would wait out the 60 s sleep instead of testing
-    the CLI's handling of Ctrl-C."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _start(base: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-c", SLOW_RUN, "upscale", str(base), "--out", str(out), "--streaming",
                           "--no-progress", "--max-shard-size", "100KB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env, preexec_fn=_default_sigint)
+                         text=True, env=env)
     assert p.stdout.readline().strip() == "building", p.stderr.read()
     partial = [q for q in out.parent.iterdir() if q.name.startswith(f".{out.name}.partial-")]
     assert len(partial) == 1 and any(partial[0].glob("*.tmp"))  # mid-write

@@ -84,15 +84,19 @@ def test_auto_without_a_model_is_a_typed_error():
         build_plan(8, UpscaleConfig(layout="auto"))
 
 
-def test_default_calibration_is_pydoc_text():
+def letters_tokenizer(**kwargs):
+    """A transformers tokenizer with one token per lower-case letter (anything else is [UNK])."""
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    m = tiny()
     t = Tokenizer(models.WordLevel({"[UNK]": 0, **{chr(97 + i): i + 1 for i in range(26)}}, unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="[UNK]")
-    plan = DepthUpscaler(m).plan(layout="auto", tokenizer=tok)
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="[UNK]", **kwargs)
+
+
+def test_default_calibration_is_pydoc_text():
+    m = tiny()
+    plan = DepthUpscaler(m).plan(layout="auto", tokenizer=letters_tokenizer())
     assert "pydoc_data.topics" in plan.reason and plan.num_layers == 12
 
 
@@ -101,13 +105,8 @@ def test_calibration_text_longer_than_the_model_maximum_is_not_a_warning():
     the stream is longer than the model's maximum length is wrong here and must not reach the user."""
     import logging
 
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    t = Tokenizer(models.WordLevel({"[UNK]": 0, **{chr(97 + i): i + 1 for i in range(26)}}, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     def make():  # a tokenizer warns once per instance: one to show the warning is heard, one for the run
-        return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="[UNK]", model_max_length=64)
+        return letters_tokenizer(model_max_length=64)
 
     seen: list[str] = []
 
