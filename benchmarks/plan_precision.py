@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     up = DepthUpscaler.from_pretrained(d, gguf_file=g, dtype=torch.float32)
     layers, spec = up.model.model.layers, up.spec
     shape = spec.head_shape(up.model.config)
-    cfg = UpscaleConfig()
+    cfg = UpscaleConfig(layout="top")  # the pairs this study was first run on (the default is now "auto")
     new = [s for s in build_plan(len(layers), cfg).layers if s.kind == "new"]
     if args.pairs:
         new = new[: args.pairs]

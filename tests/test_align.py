@@ -1,5 +1,7 @@
 """OT alignment invariants: shuffled blocks are recovered, a block fused with itself is returned."""
 
+import math
+
 import pytest
 import torch
 
@@ -385,8 +387,9 @@ def test_certificate_rejects_a_suboptimal_assignment_and_falls_back(monkeypatch)
 
 def test_float32_cost_assignment_is_certified_on_the_true_cost(monkeypatch):
     """A float32 cost matrix gives the float64 optimum, certified (the band entries recomputed in
-    float64); a matrix as wrong as the error bound allows still gives the true optimum (certified, or the
-    float64 problem solved instead when its own optimum is not the true one)."""
+    float64); a matrix as wrong as the error bound allows still gives the true optimum (certified, or
+    re-solved on true costs when its own optimum is not the true one, or, without that, the float64
+    problem solved instead)."""
     from hf_deepen.align import solvers
 
     torch.manual_seed(0)
@@ -415,7 +418,13 @@ def test_float32_cost_assignment_is_certified_on_the_true_cost(monkeypatch):
             q = solvers.solve_exact(bad, o)
             assert torch.equal(q.assignment, ref.assignment)
             ways.add(q.certified)
+        assert "float32+certificate, re-solved" in ways
+        monkeypatch.setattr(solvers, "_resolve_true", lambda C, oracle: None)
+        q = solvers.solve_exact(bad, o)
+        assert torch.equal(q.assignment, ref.assignment)
+        ways.add(q.certified)
         assert "float64 fallback" in ways
+        monkeypatch.undo()
 
 
 # ---- the float32 + certificate route at the default sizes (issue 13) --------------------------------
@@ -491,35 +500,6 @@ def test_reduced_candidates_hold_the_optimum_where_raw_ones_do_not():
     assert coverage(A, B)[1] > 0.9
 
 
-@pytest.mark.parametrize("case", ["near-ties", "ties", "random"])
-def test_certified_plan_is_the_float64_plan(monkeypatch, case):
-    """float32 costs + certificate == the float64 plan: on random units, on near-ties (pairs of lower
-    units closer than float32 can tell apart, so only the certificate's float64 entries decide), and
-    on exact ties (duplicated units: any optimum will do, so the cost must be the optimal cost)."""
-    from hf_deepen.align import solvers
-
-    n, f = 320, 24
-    g = torch.Generator().manual_seed(7)
-    A = torch.randn(n, f, generator=g, dtype=torch.float64)
-    if case == "near-ties":  # unit 2i+1 = unit 2i + a relative 1e-6: distinct in float32, but their
-        # distances differ by about what float32 arithmetic gets wrong
-        A[1::2] = A[0::2] * (1 + 1e-6 * torch.randn(n // 2, f, generator=g, dtype=torch.float64))
-    elif case == "ties":
-        A[1::2] = A[0::2]
-    B = A[torch.randperm(n, generator=g)] + 0.3 * torch.randn(n, f, generator=g, dtype=torch.float64)
-    A, B = A.float(), B.float()  # a float32 checkpoint: the float64 plan of these very weights
-    ref_cost = float(sq_dists(A.double(), B.double()).gather(0, _ref_assignment(A, B)[None]).mean())
-    for n_min in (10**9, 0):  # the dense solver + certificate, then the sparse route
-        monkeypatch.setattr(solvers, "SPARSE_MIN_N", n_min)
-        o = solvers.SqDistCost([A], [B])
-        p = solvers.solve_exact(o.matrix(), o)
-        assert p.certified in ("float32+certificate", "float64 fallback")
-        assert p.cost == pytest.approx(ref_cost, rel=1e-12)
-        if case != "ties":
-            assert torch.equal(p.assignment, _ref_assignment(A, B))
-        assert torch.equal(torch.sort(p.assignment).values, torch.arange(n))
-
-
 def test_chunked_product_bound_is_tighter_and_holds(monkeypatch):
     """The float32 matrix summed in feature chunks: its error bound uses K + chunks terms, not F, and
     still bounds the true error entry by entry."""
@@ -536,3 +516,69 @@ def test_chunked_product_bound_is_tighter_and_holds(monkeypatch):
     full = solvers.SqDistCost(A, B)
     full._norms = o._norms  # the unchunked bound, for comparison
     assert float(full.error_bounds()[0].max()) > 8 * float(ea.max())
+
+
+# ---- the compact float16 cost of the exact solver (issue 13: memory) ---------------------------------
+def test_compact_cost_is_half_the_memory_and_within_its_bound(monkeypatch):
+    """``matrix(compact=True)``: float16 entries, each row reduced by its minimum and all scaled by one
+    power of two; every entry is within the float32 bound plus float16's rounding of the true cost in
+    those units, and the float16 term is needed (without it the bound fails somewhere)."""
+    from hf_deepen.align import solvers
+
+    monkeypatch.setattr(solvers, "CHUNK_K", 64)  # several chunks and row/column blocks on a small problem
+    monkeypatch.setattr(solvers, "COMPACT_COLS", 96)
+    A = [_units(300, 200, 1, torch.bfloat16), _units(300, 7, 2, torch.bfloat16)]
+    B = [_units(300, 200, 3, torch.bfloat16), _units(300, 7, 4, torch.bfloat16)]
+    o = solvers.SqDistCost(A, B)
+    M = o.matrix(compact=True, block=128)
+    assert M.dtype == torch.float16 and M.element_size() == 2
+    offset, scale = o.compact
+    assert math.log2(scale) == int(math.log2(scale)) and float(M.max()) <= solvers.COMPACT_MAX
+    assert float(M.min()) == 0.0 and torch.equal(M.amin(1), torch.zeros(300, dtype=torch.float16))
+    T = solvers.sq_dists(torch.cat([a.double() for a in A], 1), torch.cat([b.double() for b in B], 1))
+    ref = (T - offset[:, None]) / scale
+    ea, eb = o.error_bounds()
+    err = (M.double() - ref).abs() - (ea[:, None] + eb) / scale
+    assert float((err - solvers.COMPACT_REL * M.double() - solvers.COMPACT_ABS).max()) <= 0
+    assert float(err.max()) > 0  # float16's rounding is in the bound for a reason
+    # the same products as the float32 matrix: the same entries up to float16's rounding
+    F = solvers.SqDistCost(A, B).matrix().double()
+    assert torch.allclose(M.double() * scale + offset[:, None], F, rtol=2**-10, atol=float(F.max()) * 2**-20)
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["float32", "float16"])
+@pytest.mark.parametrize("case", ["near-ties", "ties", "random", "float16 near-ties"])
+def test_certified_plan_is_the_float64_plan(monkeypatch, case, compact):
+    """Computed costs (float32, or the exact solver's compact float16) + certificate == the float64
+    plan, through both the dense and the sparse route: on random units, on near-ties (pairs of lower
+    units closer than float32, or float16, can tell apart, so only the float64 entries decide: the
+    stored optimum is then often wrong and re-solved on true costs, with no float64 fallback), and on
+    exact ties (duplicated units: any optimum will do, so the cost must be the optimal cost)."""
+    from hf_deepen.align import solvers
+
+    n, f = 320, 24
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(n, f, generator=g, dtype=torch.float64)
+    if case == "near-ties":
+        A[1::2] = A[0::2] * (1 + 1e-6 * torch.randn(n // 2, f, generator=g, dtype=torch.float64))
+    elif case == "float16 near-ties":
+        A[1::2] = A[0::2] * (1 + 1e-3 * torch.randn(n // 2, f, generator=g, dtype=torch.float64))
+    elif case == "ties":
+        A[1::2] = A[0::2]
+    B = A[torch.randperm(n, generator=g)] + 0.3 * torch.randn(n, f, generator=g, dtype=torch.float64)
+    A, B = A.float(), B.float()
+    ref = _ref_assignment(A, B)
+    ref_cost = float(sq_dists(A.double(), B.double()).gather(0, ref[None]).mean())
+    ways = set()
+    for n_min in (10**9, 0):
+        monkeypatch.setattr(solvers, "SPARSE_MIN_N", n_min)
+        o = solvers.SqDistCost([A], [B])
+        p = solvers.solve_exact(o.matrix(compact=compact), o)
+        ways.add(p.certified)
+        assert p.cost == pytest.approx(ref_cost, rel=1e-12)
+        if case != "ties":
+            assert torch.equal(p.assignment, ref)
+        assert torch.equal(torch.sort(p.assignment).values, torch.arange(n))
+    assert "float64 fallback" not in ways
+    if compact and case == "float16 near-ties":
+        assert ways == {"float16+certificate, re-solved"}

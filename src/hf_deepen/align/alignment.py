@@ -188,9 +188,10 @@ def align_layers(
         if "neurons" in costs:
             cost = costs["neurons"]
         else:  # float32 arithmetic (see SqDistCost): Sinkhorn runs in the float32 matrix (its plan
-            # overwrites it), the exact solver certifies its assignment with the exact costs
+            # overwrites it); the exact solver gets the compact float16 form (half the memory) and
+            # certifies its assignment with the exact costs
             oracle = SqDistCost(_neuron_parts(a), _neuron_parts(b), device)
-            cost = oracle.matrix()
+            cost = oracle.matrix(compact=solver == "exact")
         t2 = time.perf_counter()
         # a cost built here is scratch: a large Sinkhorn problem runs in its memory
         neurons = solve(cost, solver, reg, max_iter, overwrite="neurons" not in costs,
