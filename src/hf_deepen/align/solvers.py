@@ -405,6 +405,25 @@ def _assignment_certified(C: Tensor, sigma: Tensor | None = None) -> tuple[Tenso
     return None
 
 
+def _stored_bounds(C: Tensor, oracle: "SqDistCost") -> tuple[Tensor, Tensor, tuple[Tensor, float] | None]:
+    """``ea, eb, compact``: the error bound of ``C`` against the true cost in ``C``'s own units (a compact
+    float16 ``C`` stands for ``(T - offset_i) / scale``, :attr:`SqDistCost.compact`; else ``compact`` is None)."""
+    ea, eb = oracle.error_bounds()
+    compact = oracle.compact if C.dtype == torch.float16 else None
+    if compact is not None:
+        ea, eb = ea / compact[1], eb / compact[1]
+    return ea, eb, compact
+
+
+def _less_error(red: Tensor, blk: Tensor, ea: Tensor, eb: Tensor, compact: object) -> Tensor:
+    """``red - e`` in place for a block of rows: ``e_ij = ea_i + eb_j``, plus float16's rounding of the
+    stored entry ``blk`` when compact (``COMPACT_REL * blk_ij + COMPACT_ABS``)."""
+    red.sub_(ea[:, None]).sub_(eb)
+    if compact is not None:
+        red.add_(blk, alpha=-COMPACT_REL).sub_(COMPACT_ABS)
+    return red
+
+
 def _certify_true(C: Tensor, sigma: Tensor, u: Tensor, v: Tensor, oracle: "SqDistCost") -> bool:
     """Prove ``sigma`` optimal for the *true* cost ``T``, given duals ``u, v`` that prove it optimal
     for the computed ``C`` (float32 arithmetic, stored as float32 or in the compact float16 form).
@@ -421,23 +440,14 @@ def _certify_true(C: Tensor, sigma: Tensor, u: Tensor, v: Tensor, oracle: "SqDis
     ``r'`` give duals feasible on every band entry, and they move any other entry's reduced cost by
     at most ``max |d|``. If ``max |d| < m`` every entry is dual feasible for ``T`` (up to the rounding
     tolerance), which proves ``sigma`` optimal (LP duality). Else (or on a negative cycle) False: the
-    caller solves the float64 problem instead.
+    caller re-solves on the true costs found here (:func:`_resolve_true`, from :attr:`SqDistCost.known`).
     """
     n, step = C.shape[0], _rows(C.shape[0])
     ar = torch.arange(n)
-    ea, eb = oracle.error_bounds()
-    compact = oracle.compact if C.dtype == torch.float16 else None
-    if compact is not None:  # everything in the stored units: (T - offset_i) / scale
-        offset, scale = compact
-        ea, eb = ea / scale, eb / scale
-
-    def true(r: Tensor, c: Tensor) -> Tensor:
-        t = oracle.exact(r, c)
-        return t if compact is None else (t - offset[r]) / scale
-
+    ea, eb, compact = _stored_bounds(C, oracle)  # everything in the stored units
     t_sig_true = oracle.exact(ar, sigma)
     oracle.sigma_cost = (sigma, t_sig_true)
-    t_sig = t_sig_true if compact is None else (t_sig_true - offset) / scale
+    t_sig = oracle.stored(ar, t_sig_true) if compact is not None else t_sig_true
     c_sig = C[ar, sigma].to(torch.float64)
     red_sig = c_sig - u - v[sigma]
     e_sig = ea + eb[sigma]
@@ -452,16 +462,13 @@ def _certify_true(C: Tensor, sigma: Tensor, u: Tensor, v: Tensor, oracle: "SqDis
     for i in range(0, n, step):
         blk = C[i : i + step]
         red = torch.sub(blk, u[i : i + step, None], out=buf[: min(step, n - i)]).sub_(v)
-        red.sub_(ea[i : i + step, None]).sub_(eb).sub_(slack[i : i + step, None])
-        if compact is not None:  # the float16 rounding of each entry
-            red.add_(blk, alpha=-COMPACT_REL).sub_(COMPACT_ABS)
+        _less_error(red, blk, ea[i : i + step], eb, compact).sub_(slack[i : i + step, None])
         hit = (red < 0).nonzero()
         br.append(hit[:, 0] + i)
         bc.append(hit[:, 1])
     ri, cj = torch.cat(br), torch.cat(bc)
     oracle.band = len(ri)
-    chunk = 1 << 16
-    t = torch.cat([true(ri[k : k + chunk], cj[k : k + chunk]) for k in range(0, len(ri), chunk)]) if len(ri) else ri.double()
+    t = oracle.exact_stored(ri, cj) if compact is not None else oracle.exact_pairs(ri, cj)
     # what _resolve_true starts from if this certificate fails: the true costs known so far
     oracle.known = (torch.cat([ri * n + cj, ar * n + sigma]), torch.cat([t, t_sig]))
     w = t - u2[ri] - v[cj]  # r' on the band
@@ -495,17 +502,12 @@ def _resolve_true(C: Tensor, oracle: "SqDistCost") -> Tensor | None:
         return None
     n, step = C.shape[0], _rows(C.shape[0])
     ar = torch.arange(n)
-    ea, eb = oracle.error_bounds()
-    compact = oracle.compact if C.dtype == torch.float16 else None
-    if compact is not None:
-        offset, scale = compact
-        ea, eb = ea / scale, eb / scale
+    ea, eb, compact = _stored_bounds(C, oracle)
     key, wt = oracle.known
     key, first = torch.unique(key, return_inverse=True)
     wt = torch.empty(len(key), dtype=torch.float64).scatter_(0, first, wt)
     tol = _tolerance(C)
     buf = torch.empty(step, n, dtype=torch.float64)
-    chunk = 1 << 16
     for _ in range(SPARSE_ROUNDS):
         r, c = key // n, key % n
         shift = float(wt.min()) - 1.0  # LAPJVsp reads a zero weight as a missing edge
@@ -527,10 +529,8 @@ def _resolve_true(C: Tensor, oracle: "SqDistCost") -> Tensor | None:
         new = []
         for i in range(0, n, step):  # lower bounds outside K
             blk = C[i : i + step]
-            red = torch.sub(blk, u[i : i + step, None], out=buf[: min(step, n - i)]).sub_(v)
-            red.sub_(ea[i : i + step, None]).sub_(eb)
-            if compact is not None:
-                red.add_(blk, alpha=-COMPACT_REL).sub_(COMPACT_ABS)
+            red = _less_error(torch.sub(blk, u[i : i + step, None], out=buf[: min(step, n - i)]).sub_(v),
+                              blk, ea[i : i + step], eb, compact)
             hit = (red < -tol).nonzero()
             if len(hit):
                 k = (hit[:, 0] + i) * n + hit[:, 1]
@@ -539,9 +539,7 @@ def _resolve_true(C: Tensor, oracle: "SqDistCost") -> Tensor | None:
         if not len(new):
             return sigma
         rn, cn = new // n, new % n
-        tn = torch.cat([oracle.exact(rn[k : k + chunk], cn[k : k + chunk]) for k in range(0, len(new), chunk)])
-        if compact is not None:
-            tn = (tn - offset[rn]) / scale
+        tn = oracle.exact_stored(rn, cn) if compact is not None else oracle.exact_pairs(rn, cn)
         oracle.band += len(new)
         key, order = torch.sort(torch.cat([key, new]))
         wt = torch.cat([wt, tn])[order]
@@ -1089,6 +1087,22 @@ class SqDistCost:
         f = 2.0 * (gamma + 8 * u)
         na, nb = self._norms
         return (na * f).cpu(), (nb * f).cpu()
+
+    def exact_pairs(self, r: Tensor, c: Tensor) -> Tensor:
+        """:meth:`exact` over many pairs, 65,536 at a time (bounded temporaries)."""
+        step = 1 << 16
+        if not len(r):
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.cat([self.exact(r[k : k + step], c[k : k + step]) for k in range(0, len(r), step)])
+
+    def stored(self, r: Tensor, t: Tensor) -> Tensor:
+        """True costs ``t`` of rows ``r`` in the compact matrix's units, ``(t - offset_r) / scale``."""
+        offset, scale = self.compact
+        return (t - offset[r]) / scale
+
+    def exact_stored(self, r: Tensor, c: Tensor) -> Tensor:
+        """:meth:`exact_pairs` in the compact matrix's units (:meth:`stored`)."""
+        return self.stored(r, self.exact_pairs(r, c))
 
     def exact(self, r: Tensor, c: Tensor, chunk: int | None = None) -> Tensor:
         """True squared distances of the pairs ``(r[k], c[k])``, float64 on the CPU.
