@@ -52,9 +52,10 @@ c0, w0 = time.process_time(), time.perf_counter()
 res = build_layer_state(spec, UpscaleConfig(solver=solver), shape, src, "bench", consume=True)
 cpu, wall = time.process_time() - c0, time.perf_counter() - w0
 d = res.diagnostics
-out = {"cpu_s": cpu, "wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))  # (ru_maxrss: floored by the parent)
+out = {"cpu_s": cpu, "wall_s": wall, "peak_rss_mb": hwm / 1024,
        "heads": d.get("seconds_heads"), "cost": d.get("seconds_neuron_cost"), "assign": d.get("seconds_neuron_solve"),
-       "fuse": d.get("seconds_fuse"), "band": d.get("neurons_certificate_band"), "fallback": d.get("neurons_float64_fallback"),
+       "fuse": d.get("seconds_fuse"), "band": d.get("neurons_certificate_band"), "fallback": d.get("neurons_float64_fallback"), "re_solved": d.get("neurons_re_solved"),
        "digest": float(sum(v.double().sum() for v in res.canon.values()))}
 print("RESULT " + json.dumps(out))
 """

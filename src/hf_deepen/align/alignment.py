@@ -202,4 +202,5 @@ def align_layers(
     if neurons is not None and neurons.certified:
         extra["neurons_certificate_band"] = float(neurons.band)
         extra["neurons_float64_fallback"] = float(neurons.certified == "float64 fallback")
+        extra["neurons_re_solved"] = float(neurons.certified.endswith("re-solved"))
     return LayerAlignment(shape=shape, heads=heads, query=query, neurons=neurons, extra=extra)
