@@ -252,16 +252,33 @@ def _duals(C: Tensor, sigma: Tensor, r: Tensor, c: Tensor) -> tuple[Tensor, Tens
     ``u_i = C_i,sigma(i) - v_sigma(i)``. None also after :data:`SPARSE_MAX_PASSES` passes.
     """
     n = C.shape[0]
+    return _duals_of(n, sigma, r, c, C[r, c].to(torch.float64), C[torch.arange(n), sigma].to(torch.float64))
+
+
+def _duals_of(n: int, sigma: Tensor, r: Tensor, c: Tensor, w: Tensor, base: Tensor) -> tuple[Tensor, Tensor] | None:
+    """:func:`_duals` from the edges' costs ``w`` (float64) and the costs ``base`` of the assignment's edges."""
     inv = torch.empty(n, dtype=torch.int64)
     inv[sigma] = torch.arange(n)
-    base = C[torch.arange(n), sigma].to(torch.float64)
-    dst, w = inv[c], C[r, c].to(torch.float64) - base[r]
-    d = _bellman_ford(n, r, dst, w)
+    d = _bellman_ford(n, r, inv[c], w - base[r])
     if d is None:
         return None  # a negative cycle (sigma can be improved on these edges), or the pass cap
     v = torch.empty(n, dtype=torch.float64)
     v[sigma] = d
     return base - v[sigma], v
+
+
+def _matching(n: int, r: Tensor, c: Tensor, w: Tensor) -> Tensor | None:
+    """SciPy's LAPJVsp on the edges ``(r, c)`` with weights ``w >= 1`` (it reads a zero weight as a
+    missing edge): ``sigma`` (row ``i`` -> column ``sigma[i]``), or None without a full matching."""
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    graph = csr_array((w.numpy(), (r.numpy(), c.numpy())), shape=(n, n))
+    try:
+        _, col = min_weight_full_bipartite_matching(graph)
+    except ValueError:
+        return None
+    return torch.from_numpy(col).to(torch.int64)
 
 
 def _bellman_ford(n: int, src: Tensor, dst: Tensor, w: Tensor) -> Tensor | None:
@@ -343,13 +360,18 @@ def _tolerance(C: Tensor) -> float:
     return 2.0**-40 * max(abs(float(C.max())), abs(float(C.min())))  # (C.abs() would copy the matrix)
 
 
-def _violations(C: Tensor, u: Tensor, v: Tensor, tol: float) -> list[Tensor]:
-    """Keys of the entries with ``C_ij - u_i - v_j < -tol``, over row blocks (float64 arithmetic)."""
+def _violations(C: Tensor, u: Tensor, v: Tensor, tol: float, bounds: tuple | None = None) -> list[Tensor]:
+    """Keys of the entries with ``C_ij - u_i - v_j < -tol``, over row blocks (float64 arithmetic);
+    with ``bounds`` (:func:`_stored_bounds`), of the entries whose *lower bound* ``C_ij - e_ij`` does so."""
     n, step = C.shape[0], _rows(C.shape[0])
     buf = torch.empty(step, n, dtype=torch.float64)
     bad = []
     for i in range(0, n, step):
-        red = torch.sub(C[i : i + step], u[i : i + step, None], out=buf[: min(step, n - i)]).sub_(v)
+        blk = C[i : i + step]
+        red = torch.sub(blk, u[i : i + step, None], out=buf[: min(step, n - i)]).sub_(v)
+        if bounds is not None:
+            ea, eb, compact = bounds
+            _less_error(red, blk, ea[i : i + step], eb, compact)
         if float(red.min()) < -tol:
             hit = (red < -tol).nonzero()
             bad.append((hit[:, 0] + i) * n + hit[:, 1])
@@ -373,9 +395,6 @@ def _assignment_certified(C: Tensor, sigma: Tensor | None = None) -> tuple[Tenso
     0 violated entries; 5 rounds with raw-cost candidates), ~5x faster than the dense solver at
     n = 8,192 (``benchmarks/README.md``, "Scale"); on SmolLM2's neurons 1-3 rounds.
     """
-    from scipy.sparse import csr_array
-    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
-
     n = C.shape[0]
     fixed = sigma is not None
     # a known optimum only needs duals: fewer candidates make the Bellman-Ford passes cheaper
@@ -388,13 +407,9 @@ def _assignment_certified(C: Tensor, sigma: Tensor | None = None) -> tuple[Tenso
     for _ in range(SPARSE_ROUNDS):
         r, c = key // n, key % n
         if not fixed:
-            w = C[r, c].to(torch.float64) - shift
-            graph = csr_array((w.numpy(), (r.numpy(), c.numpy())), shape=(n, n))
-            try:
-                _, col = min_weight_full_bipartite_matching(graph)
-            except ValueError:  # no full matching on the candidates
+            sigma = _matching(n, r, c, C[r, c].to(torch.float64) - shift)
+            if sigma is None:  # no full matching on the candidates
                 return None
-            sigma = torch.from_numpy(col).to(torch.int64)
         uv = _duals(C, sigma, r, c)
         if uv is None:
             return None
@@ -495,51 +510,29 @@ def _resolve_true(C: Tensor, oracle: "SqDistCost") -> Tensor | None:
     assignment optimal (LP duality). Entries that violate the lower-bound test get their true cost and
     join ``K``; after :data:`SPARSE_ROUNDS` rounds, or without duals, None (the caller solves the float64
     problem). Everything in the matrix's units (compact: ``(T - offset_i) / scale``)."""
-    from scipy.sparse import csr_array
-    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
-
-    if getattr(oracle, "known", None) is None:
+    if oracle.known is None:
         return None
-    n, step = C.shape[0], _rows(C.shape[0])
+    n = C.shape[0]
     ar = torch.arange(n)
-    ea, eb, compact = _stored_bounds(C, oracle)
+    bounds = _stored_bounds(C, oracle)
     key, wt = oracle.known
     key, first = torch.unique(key, return_inverse=True)
     wt = torch.empty(len(key), dtype=torch.float64).scatter_(0, first, wt)
     tol = _tolerance(C)
-    buf = torch.empty(step, n, dtype=torch.float64)
     for _ in range(SPARSE_ROUNDS):
         r, c = key // n, key % n
-        shift = float(wt.min()) - 1.0  # LAPJVsp reads a zero weight as a missing edge
-        graph = csr_array(((wt - shift).numpy(), (r.numpy(), c.numpy())), shape=(n, n))
-        try:
-            _, col = min_weight_full_bipartite_matching(graph)
-        except ValueError:
+        sigma = _matching(n, r, c, wt - (float(wt.min()) - 1.0))
+        if sigma is None:
             return None
-        sigma = torch.from_numpy(col).to(torch.int64)
-        base = wt[torch.searchsorted(key, ar * n + sigma)]  # (the matching uses only entries of K)
-        inv = torch.empty(n, dtype=torch.int64)
-        inv[sigma] = ar
-        d = _bellman_ford(n, r, inv[c], wt - base[r])
-        if d is None:
+        uv = _duals_of(n, sigma, r, c, wt, wt[torch.searchsorted(key, ar * n + sigma)])  # (sigma uses only K)
+        if uv is None:
             return None
-        v = torch.empty(n, dtype=torch.float64)
-        v[sigma] = d
-        u = base - v[sigma]
-        new = []
-        for i in range(0, n, step):  # lower bounds outside K
-            blk = C[i : i + step]
-            red = _less_error(torch.sub(blk, u[i : i + step, None], out=buf[: min(step, n - i)]).sub_(v),
-                              blk, ea[i : i + step], eb, compact)
-            hit = (red < -tol).nonzero()
-            if len(hit):
-                k = (hit[:, 0] + i) * n + hit[:, 1]
-                new.append(k[~torch.isin(k, key)])
-        new = torch.cat(new) if new else key[:0]
+        new = torch.cat(_violations(C, *uv, tol, bounds) or [key[:0]])  # lower bounds outside K
+        new = new[~torch.isin(new, key)]
         if not len(new):
             return sigma
         rn, cn = new // n, new % n
-        tn = oracle.exact_stored(rn, cn) if compact is not None else oracle.exact_pairs(rn, cn)
+        tn = oracle.exact_stored(rn, cn) if bounds[2] is not None else oracle.exact_pairs(rn, cn)
         oracle.band += len(new)
         key, order = torch.sort(torch.cat([key, new]))
         wt = torch.cat([wt, tn])[order]
@@ -899,6 +892,20 @@ def pairwise_sq_dists(
     return out
 
 
+def _add_chunked_products(ob: Tensor, a: Tensor, B: Tensor, tmp: Tensor) -> None:
+    """``ob += a @ B.T``, summed over chunks of :data:`CHUNK_K` features, each product into the fresh
+    buffer ``tmp`` then added: the summation :meth:`SqDistCost.error_bounds` bounds."""
+    t = tmp.view(-1)[: a.shape[0] * B.shape[0]].view(a.shape[0], B.shape[0])  # contiguous, for out=
+    for k in range(0, a.shape[1], CHUNK_K):
+        torch.mm(a[:, k : k + CHUNK_K], B[:, k : k + CHUNK_K].T, out=t)
+        ob.add_(t)
+
+
+def _sq_dists_from(dots: Tensor, na: Tensor, nb: Tensor, s2: float) -> Tensor:
+    """``(-2 a.b + |a|^2 + |b|^2) s^2``, clamped at 0, in float64, for a block of rows of dot products."""
+    return dots.to(torch.float64).mul_(-2.0).add_(na[:, None]).add_(nb[None, :]).clamp_min_(0.0).mul_(s2)
+
+
 def _sq_norms(X: Tensor) -> Tensor:
     """Squared row norms of ``X`` in float64, over row blocks (no full-size temporary)."""
     step = _rows(X.shape[1])
@@ -984,14 +991,10 @@ class SqDistCost:
         # b is converted in blocks of COST_COLS units too, not one whole role at a time: a converted
         # role of Llama-3.1-8B's MLP is 14,336 x 4,096 float32 = 235 MB on top of the n x n output
         # (the products are the same; only which output columns one product fills changes)
-        kc = CHUNK_K
         rb = min(block, 256)
         cb = min(n_b, COST_COLS)
         tmp = torch.empty(rb, cb, dtype=cdt, device=dev)
-        chunks = 0
         for pa, pb in zip(self.parts_a, self.parts_b):
-            f = pb.shape[1]
-            chunks += -(-f // kc)
             for j in range(0, n_b, cb):
                 B = self._conv(pb[j : j + cb])
                 nb[j : j + cb] += _sq_norms(B)
@@ -1000,21 +1003,15 @@ class SqDistCost:
                     A = self._conv(pa[i : i + rb])
                     if j == 0:
                         na[i : i + rb] += _sq_norms(A)
-                    t = tmp.view(-1)[: A.shape[0] * nbj].view(A.shape[0], nbj)  # contiguous, for out=
-                    ob = out[i : i + rb, j : j + nbj]
-                    for k in range(0, f, kc):
-                        torch.mm(A[:, k : k + kc], B[:, k : k + kc].T, out=t)
-                        ob.add_(t)
+                    _add_chunked_products(out[i : i + rb, j : j + nbj], A, B, tmp)
                     del A
                 del B
         del tmp
-        self._terms = min(kc, max(p.shape[1] for p in self.parts_a)) + chunks
+        self._terms = self._chunked_terms()
         s2 = self.s * self.s
         step = _rows(n_b)
         for i in range(0, n_a, step):  # -2 ab + |a|^2 + |b|^2, in float64 per block, then rounded once
-            blk = out[i : i + step].to(torch.float64).mul_(-2.0).add_(na[i : i + step, None]).add_(nb[None, :])
-            out[i : i + step] = blk.clamp_min_(0.0).mul_(s2)
-            del blk
+            out[i : i + step] = _sq_dists_from(out[i : i + step], na[i : i + step], nb, s2)
         self._norms = (na * s2, nb * s2)
         return out
 
@@ -1029,17 +1026,15 @@ class SqDistCost:
         offset = torch.empty(n_a, dtype=torch.float64, device=dev)
         na = torch.zeros(n_a, dtype=torch.float64, device=dev)
         nb = torch.zeros(n_b, dtype=torch.float64, device=dev)
-        kc, rb, cb = CHUNK_K, 256, min(n_b, COMPACT_COLS)
+        rb, cb = 256, min(n_b, COMPACT_COLS)
         ro = max(rb, min(block, n_a))
         acc = torch.empty(min(ro, n_a), n_b, dtype=cdt, device=dev)
         tmp = torch.empty(rb, cb, dtype=cdt, device=dev)
-        chunks = sum(-(-pb.shape[1] // kc) for pb in self.parts_b)
         step = _rows(n_b)
         for i0 in range(0, n_a, ro):
             rows = min(ro, n_a - i0)
             ac = acc[:rows].zero_()
             for pa, pb in zip(self.parts_a, self.parts_b):  # the same chunked float32 sums as _matrix
-                f = pb.shape[1]
                 A = self._conv(pa[i0 : i0 + rows])
                 na[i0 : i0 + rows] += _sq_norms(A)
                 for j in range(0, n_b, cb):
@@ -1048,27 +1043,26 @@ class SqDistCost:
                         nb[j : j + cb] += _sq_norms(B)
                     nbj = B.shape[0]
                     for i in range(0, rows, rb):
-                        a = A[i : i + rb]
-                        t = tmp.view(-1)[: a.shape[0] * nbj].view(a.shape[0], nbj)
-                        ob = ac[i : i + rb, j : j + nbj]
-                        for k in range(0, f, kc):
-                            torch.mm(a[:, k : k + kc], B[:, k : k + kc].T, out=t)
-                            ob.add_(t)
+                        _add_chunked_products(ac[i : i + rb, j : j + nbj], A[i : i + rb], B, tmp)
                     del B
                 del A
             for i in range(0, rows, step):  # -2 ab + |a|^2 + |b|^2 in float64, less the row minimum, scaled
                 r = slice(i0 + i, i0 + min(i + step, rows))
-                blk = ac[i : i + step].to(torch.float64).mul_(-2.0).add_(na[r, None]).add_(nb[None, :])
-                blk.clamp_min_(0.0).mul_(s2)
+                blk = _sq_dists_from(ac[i : i + step], na[r], nb, s2)
                 lo = blk.amin(1)
                 offset[r] = lo
                 out[r] = blk.sub_(lo[:, None]).div_(scale)
                 del blk
         del acc, tmp
-        self._terms = min(kc, max(p.shape[1] for p in self.parts_a)) + chunks
+        self._terms = self._chunked_terms()
         self._norms = (na * s2, nb * s2)
         self.compact = (offset.cpu(), scale)
         return out
+
+    def _chunked_terms(self) -> int:
+        """Terms of the error bound of :func:`_add_chunked_products` over all roles: ``K`` + chunks."""
+        kc = CHUNK_K
+        return min(kc, max(p.shape[1] for p in self.parts_a)) + sum(-(-p.shape[1] // kc) for p in self.parts_b)
 
     def error_bounds(self) -> tuple[Tensor, Tensor]:
         """``ea, eb`` (float64, CPU): ``|matrix()_ij - exact_ij| <= ea_i + eb_j`` for every entry.
