@@ -582,3 +582,115 @@ def test_certified_plan_is_the_float64_plan(monkeypatch, case, compact):
     assert "float64 fallback" not in ways
     if compact and case == "float16 near-ties":
         assert ways == {"float16+certificate, re-solved"}
+
+
+# ---- large Sinkhorn problems on 16-bit weights: the compact cost, a bf16 kernel, a float16 plan -----
+def _bf16_parts(n, seed=0, noise=0.01):
+    g = torch.Generator().manual_seed(seed)
+    A = [(torch.randn(n, 24, generator=g) * 0.02).bfloat16(), (torch.randn(n, 12, generator=g) * 0.02).bfloat16()]
+    perm = torch.randperm(n, generator=g)
+    B = [(a.float()[perm] + noise * torch.randn(a.shape, generator=g)).bfloat16() for a in A]
+    return A, B
+
+
+@pytest.mark.parametrize("domain", ["kernel", "log"])
+def test_compact_sinkhorn_is_the_float64_plan_in_half_the_memory(monkeypatch, domain):
+    """The in-place Sinkhorn on the float16 compact cost (forced here at n = 96, ragged blocks)
+    converges to POT's float64 plan of the true cost, within 16-bit storage: the kernel (bf16) and
+    the plan (float16, each column scaled by a power of two) live in the cost's own memory, and the
+    plan moved onto weights agrees with the float64 plan's to well under the bf16 rounding that any
+    fused tensor gets anyway."""
+    from hf_deepen.align import solvers
+    from hf_deepen.align.solvers import SqDistCost, solve
+
+    A, B = _bf16_parts(96)
+    oracle = SqDistCost(A, B)
+    M64 = solvers.pairwise_sq_dists(A, B)
+    if domain == "log":
+        monkeypatch.setattr(solvers, "KERNEL_MAX_RANGE", 0.0)
+        monkeypatch.setattr(solvers, "KERNEL_MAX_RANGE_F32", 0.0)
+    want = solve_sinkhorn(M64, reg=0.2, tol=1e-10)
+    assert 0.2 < want.sharpness < 0.99  # neither uniform nor a permutation: 16-bit storage is tested
+    monkeypatch.setattr(solvers, "INPLACE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(solvers, "_BLOCK", 10)
+    C = oracle.matrix(compact=True)
+    kept = C.clone()
+    mine = solve_sinkhorn(C, reg=0.2, tol=1e-10, compact=oracle.compact)
+    assert torch.equal(C, kept)  # not asked to overwrite: the caller's cost is untouched
+    again = solve(C, "sinkhorn", reg=0.2, max_iter=3000, overwrite=True, oracle=oracle)
+    assert again.dense.data_ptr() == C.data_ptr() and again.dense.dtype == torch.float16  # one n x n buffer
+    assert mine.solver == want.solver == ("sinkhorn" if domain == "kernel" else "sinkhorn_log")
+    s = mine.dense_scale
+    assert torch.equal(s, torch.exp2(torch.log2(s).round()))  # powers of two: applying them is exact
+    assert float(mine.dense.float().amax(dim=0).max()) <= 1.0
+    assert float(mine.dense.float().amax(dim=0).min()) >= 0.5
+    torch.testing.assert_close(mine.matrix.double(), want.matrix, atol=2e-3 / 96, rtol=5e-3)
+    for k in ("cost", "identity_cost", "sharpness"):
+        assert getattr(mine, k) == pytest.approx(getattr(want, k), rel=2e-3), k
+    assert mine.marginal_error < 1e-6
+    # applied to weights: (n P)^T x, within a fraction of bf16's own rounding of the result
+    x = torch.randn(96, 40, generator=torch.Generator().manual_seed(3)).bfloat16()
+    ref = want.move(x, dim=0)
+    err = float((mine.move(x, dim=0).double() - ref).norm() / ref.norm())
+    rounding = float((ref.bfloat16().double() - ref).norm() / ref.norm())
+    assert err < 0.5 * rounding, (err, rounding)
+    y = x.T.contiguous()  # units last, and a block of units
+    torch.testing.assert_close(mine.move(y, dim=1, units=slice(10, 50)), mine.move(y, dim=1)[:, 10:50], rtol=0, atol=0)
+
+
+def test_alignment_takes_the_compact_sinkhorn_route_only_for_16bit_weights(monkeypatch):
+    """Which neuron route a large Sinkhorn problem takes: 16-bit weights -> the compact cost and a
+    column-scaled float16 plan; float32 weights -> the float32 matrix and plan (bf16 storage would
+    round below their precision). Both are close to the float64 reference."""
+    from hf_deepen.align import solvers
+
+    model = tiny_model("gqa")
+    _, shape, a = canon_of(model, 1)
+    _, _, b = canon_of(model, 2)
+    cases = ((torch.bfloat16, torch.float16, True), (torch.float32, torch.float32, False))
+    # the float64 references (small problems: POT, float64) of the same weights
+    wants = [align_layers({k: v.to(dt).double() for k, v in a.items()}, {k: v.to(dt).double() for k, v in b.items()},
+                          shape, "sinkhorn", reg=0.05) for dt, _, _ in cases]
+    assert all(w.neurons.dense.dtype == torch.float64 for w in wants)
+    monkeypatch.setattr(solvers, "INPLACE_MIN_ENTRIES", 0)
+    for (dt, dense, scaled), want in zip(cases, wants):
+        al = align_layers({k: v.to(dt) for k, v in a.items()}, {k: v.to(dt) for k, v in b.items()}, shape,
+                          "sinkhorn", reg=0.05)
+        assert al.neurons.dense.dtype == dense and (al.neurons.dense_scale is not None) == scaled, dt
+        torch.testing.assert_close(al.neurons.matrix.double(), want.neurons.matrix, atol=1e-2 / al.neurons.n, rtol=1e-2)
+
+
+@pytest.mark.parametrize("solver", ["exact", "sinkhorn"])
+@pytest.mark.parametrize("restore", [True, False])
+def test_fusing_a_block_of_units_at_a_time_gives_the_same_layer(monkeypatch, solver, restore):
+    """The MLP roles are fused a block of neurons at a time when a role is larger than
+    ``_FUSE_BLOCK_BYTES`` (forced here: blocks of 5 neurons, a ragged last one): every step is per
+    neuron, so the layer is the same tensor for tensor, in bf16 and in float32 (a dense plan's
+    float32 products up to their summation order), and a self-fusion still returns the layer exactly."""
+    from hf_deepen import fuse
+
+    model = tiny_model("gqa")
+    spec, shape, a = canon_of(model, 1)
+    _, _, b = canon_of(model, 2)
+    cfg = UpscaleConfig(method="opt", solver=solver, sinkhorn_reg=0.05, zero_init=False, restore_norm=restore)
+    n = a["up"].shape[0]
+    assert n % 5 and n > 10
+    for dt in (torch.bfloat16, torch.float32):
+        src = [{k: v.to(dt) for k, v in x.items()} for x in (a, b)]
+        whole = make_layer("opt", [dict(x) for x in src], shape, cfg, dtype=dt)
+        monkeypatch.setattr(fuse, "_FUSE_BLOCK_BYTES", 4 * 5 * a["up"].shape[1])
+        assert len(fuse._unit_blocks(src[1]["up"], 0)) == -(-n // 5)
+        blocks = make_layer("opt", [dict(x) for x in src], shape, cfg, dtype=dt)
+        for k in whole.canon:
+            if solver == "exact" or k not in ("gate", "up", "down"):
+                assert torch.equal(blocks.canon[k], whole.canon[k]), (dt, k)
+            else:  # a dense plan's float32 products may sum in another order for another block shape
+                # (so a bf16 result may round to the neighbouring value)
+                rtol = 1e-6 if dt == torch.float32 else 2.0**-7
+                torch.testing.assert_close(blocks.canon[k].float(), whole.canon[k].float(), rtol=rtol, atol=1e-7)
+        assert blocks.diagnostics["retained_norm"] == pytest.approx(whole.diagnostics["retained_norm"], rel=1e-6)  # (float32 norms, summed per block)
+        if solver == "exact":
+            same = make_layer("opt", [dict(src[0]), dict(src[0])], shape, cfg, dtype=dt)
+            for k in src[0]:
+                assert torch.equal(same.canon[k], src[0][k]), (dt, k)
+        monkeypatch.undo()

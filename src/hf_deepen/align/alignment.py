@@ -29,9 +29,15 @@ from typing import Mapping
 import torch
 
 from ..arch.spec import HeadShape
+from . import solvers
 from .solvers import Plan, SqDistCost, pairwise_sq_dists, solve, solve_sinkhorn_batch, work_dtype
 
 Tensor = torch.Tensor
+
+#: a large Sinkhorn problem on 16-bit weights runs on the compact float16 cost, its kernel and plan in
+#: 16 bits (:func:`~hf_deepen.align.solvers._sinkhorn_inplace`); False: on the float32 matrix (twice
+#: the memory; ``benchmarks/sinkhorn16.py`` compares the two)
+COMPACT_SINKHORN = True
 
 
 def _cat(parts: list[Tensor]) -> Tensor:
@@ -84,17 +90,28 @@ class LayerAlignment:
     extra: dict = field(default_factory=dict)
 
     # barycentric application ----------------------------------------------------------------
-    def apply_role(self, role: str, t: Tensor) -> Tensor:
+    def unit_dim(self, role: str) -> int | None:
+        """The dimension of canonical tensor ``role`` that :meth:`apply_role` can move a block of units
+        at a time (``units=``): the MLP neurons' (rows of gate/up, columns of down), else None."""
+        if role in ("gate", "up", "gate_bias", "up_bias", "down") and self.neurons is not None:
+            return 1 if role == "down" else 0
+        return None
+
+    def apply_role(self, role: str, t: Tensor, units: slice | None = None) -> Tensor:
         """A's canonical tensor ``role`` moved into B's unit order (in :func:`work_dtype`: float32, or
         float64 for float64 weights); residual roles as they are.
 
         One role at a time, so a caller can fuse and cast each before the next (an 8B layer is
-        1.75 GB in float64). Neurons move by :meth:`Plan.move` (an index gather for an exact plan).
+        1.75 GB in float64). Neurons move by :meth:`Plan.move` (an index gather for an exact plan);
+        ``units`` (roles with a :meth:`unit_dim` only): just these of B's units, along that dim.
         """
         s = self.shape
         hq, hkv, g, hd = s.num_heads, s.num_kv_heads, s.group_size, s.head_dim
-        if role in ("gate", "up", "gate_bias", "up_bias", "down") and self.neurons is not None:
-            return self.neurons.move(t, dim=1 if role == "down" else 0)
+        dim = self.unit_dim(role)
+        if dim is not None:
+            return self.neurons.move(t, dim=dim, units=units)
+        if units is not None:
+            raise ValueError(f"internal: role {role!r} cannot be moved a block of units at a time")
         x = t.detach().to(work_dtype(t))
         if role in ("k", "k_bias", "v", "v_bias"):  # KV-head rows: a plain barycentric map over groups
             W = self.heads.barycentric.to(x)  # [hkv, hkv], columns sum to 1
@@ -187,15 +204,19 @@ def align_layers(
         oracle = None
         if "neurons" in costs:
             cost = costs["neurons"]
-        else:  # float32 arithmetic (see SqDistCost): Sinkhorn runs in the float32 matrix (its plan
-            # overwrites it); the exact solver gets the compact float16 form (half the memory) and
-            # certifies its assignment with the exact costs
-            oracle = SqDistCost(_neuron_parts(a), _neuron_parts(b), device)
-            cost = oracle.matrix(compact=solver == "exact")
+        else:  # float32 arithmetic (see SqDistCost). The exact solver gets the compact float16 form
+            # (half the memory) and certifies its assignment with the exact costs. A large Sinkhorn
+            # problem runs in the matrix (its plan overwrites it): the compact form too when the
+            # weights are 16-bit (its kernel and plan are then bfloat16), else float32
+            parts_a, parts_b = _neuron_parts(a), _neuron_parts(b)
+            oracle = SqDistCost(parts_a, parts_b, device)
+            n = parts_a[0].shape[0]
+            narrow = all(p.dtype in (torch.float16, torch.bfloat16) for p in parts_a + parts_b)
+            big = narrow and n * n > solvers.INPLACE_MIN_ENTRIES and COMPACT_SINKHORN
+            cost = oracle.matrix(compact=solver == "exact" or big)
         t2 = time.perf_counter()
         # a cost built here is scratch: a large Sinkhorn problem runs in its memory
-        neurons = solve(cost, solver, reg, max_iter, overwrite="neurons" not in costs,
-                        oracle=oracle if solver == "exact" else None)
+        neurons = solve(cost, solver, reg, max_iter, overwrite="neurons" not in costs, oracle=oracle)
         del cost
         t3 = time.perf_counter()
     extra = {"seconds_heads": t1 - t0, "seconds_neuron_cost": t2 - t1, "seconds_neuron_solve": t3 - t2}

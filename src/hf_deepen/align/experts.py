@@ -62,10 +62,10 @@ class MoELayerAlignment(LayerAlignment):
     experts: Plan | None = None
     expert_neurons: dict[tuple[int, int], Plan] = field(default_factory=dict)
 
-    def apply_role(self, role: str, t: Tensor) -> Tensor:
+    def apply_role(self, role: str, t: Tensor, units: slice | None = None) -> Tensor:
         """As :meth:`LayerAlignment.apply_role`, plus the router rows and the expert tensors."""
         if role not in ("router", "experts_gate", "experts_up", "experts_down"):
-            return super().apply_role(role, t)
+            return super().apply_role(role, t, units)
         x = t.detach().to(torch.float64)
         W = self.experts.barycentric  # [E, E], columns sum to 1
         if role == "router":

@@ -23,10 +23,13 @@ distance between unit *i* of the lower layer and unit *j* of the upper layer, fi
   Large problems (Llama-3.1-8B's 14,336 neurons) run the same two algorithms by hand, in place
   in the cost matrix and over row blocks (:func:`_sinkhorn_inplace`): POT's allocate several
   ``n x n`` temporaries, 1.6 GB each at that size, and memory is what bounds a streaming upscale.
-  There the cost stays float32 (0.8 GB instead of 1.6), is first reduced by its row and then its
-  column minima (an exact change of dual variables: the plan is the same, and the kernel domain
-  is kept where a row or column offset alone would force the log domain), and the plan is written
-  over the cost; the scalings and every reduction (mean, matvecs, marginals) accumulate in float64.
+  There the cost is first reduced by its row and then its column minima (an exact change of dual
+  variables: the plan is the same, and the kernel domain is kept where a row or column offset alone
+  would force the log domain), and the plan is written over the cost; the scalings and every
+  reduction (mean, matvecs, marginals) accumulate in float64. For 16-bit weights the cost is the
+  exact solver's float16 compact form, the kernel bfloat16 and the plan float16 with a power-of-two
+  scale per column (0.4 GB at 8B, what :func:`Plan.move` reads); otherwise the cost and the plan
+  stay float32 (0.8 GB instead of POT's 1.6 GB each).
 
 Both return a :class:`Plan` whose ``matrix`` has the marginals ``1/n``; apply it as a barycentric
 map, ``n * P``, whose columns sum to one, so aligned weights keep their scale.
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -158,6 +162,10 @@ class Plan:
     certified: str = ""
     #: entries the certificate recomputed in float64 (see :func:`_certify_true`)
     band: int = 0
+    #: ``[n]`` powers of two: ``dense`` holds ``P / dense_scale`` column by column (float16, each
+    #: column's largest entry in ``(1/2, 1]``: the plan of a compact-cost Sinkhorn, see
+    #: :func:`_sinkhorn_inplace`); None: ``dense`` is ``P``
+    dense_scale: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -170,8 +178,10 @@ class Plan:
     @property
     def matrix(self) -> Tensor:
         """``[n, n]``, marginals ``1/n`` (exactly for the exact solver); the dtype of ``dense``, float64
-        for an exact plan."""
+        for an exact plan, float32 for a column-scaled float16 one."""
         if self.dense is not None:
+            if self.dense_scale is not None:
+                return self.dense.float() * self.dense_scale.float()
             return self.dense
         n = self.n
         P = torch.zeros(n, n, dtype=torch.float64)
@@ -188,41 +198,50 @@ class Plan:
         """For each upper unit ``j``, the lower unit with the most mass (exact for exact plans)."""
         return self.assignment if self.assignment is not None else self.dense.argmax(dim=0)
 
-    def move(self, x: Tensor, dim: int = 0) -> Tensor:
+    def move(self, x: Tensor, dim: int = 0, units: slice | None = None) -> Tensor:
         """The barycentric map applied to ``x``, whose ``dim`` indexes the lower units: in
         :func:`work_dtype` (float32, float64 for float64 ``x``),
         the same shape, ``dim`` now indexing the upper units (``(n P)^T x`` for ``dim=0``).
+        ``units``: only these upper units (``dim`` then has their count), so that a caller can fuse
+        a large role a block of units at a time (:func:`hf_deepen.fuse._fuse_roles`).
 
         An exact plan is an index gather (exact, free). A dense plan is a matmul: in float64, or,
         when ``x`` is 16-bit, in float32 over row blocks of the plan (the precision rule of
         :func:`pairwise_sq_dists`: a float32 sum of 14,336 products is accurate to ~1e-5
-        relative, far below bf16's 4e-3; twice as fast, and no float64 copy of ``x``).
+        relative, far below bf16's 4e-3; twice as fast, and no float64 copy of ``x``). A column-scaled
+        float16 plan (:attr:`dense_scale`) is widened block by block and its scales applied after.
         """
         wd = work_dtype(x)
+        cols = units if units is not None else slice(None)
         if self.assignment is not None:  # gather first, then widen: one copy, not two
-            return x.detach().index_select(dim, self.assignment.to(x.device)).to(wd)
+            return x.detach().index_select(dim, self.assignment[cols].to(x.device)).to(wd)
         P = self.dense  # computed where the plan is (the GPU, if Sinkhorn ran there), returned to x's device
         n = self.n
+        m = len(range(n)[cols])
         x = x.detach()
         last = dim in (-1, x.dim() - 1) and x.dim() > 1
-        # units first (x2 [n, m]: out = P^T x2) or units last (x2 [m, n]: out = x2 P); either way the
+        # units first (x2 [n, k]: out = P^T x2) or units last (x2 [k, n]: out = x2 P); either way the
         # result comes out contiguous in x's own layout, so no caller has to copy it again
         x2 = (x.reshape(-1, n) if last else x.movedim(dim, 0).reshape(n, -1)).to(P.device)
         cdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else torch.float64
-        acc = torch.zeros(x2.shape, dtype=cdt, device=P.device)
+        acc = torch.zeros((x2.shape[0], m) if last else (m, x2.shape[1]), dtype=cdt, device=P.device)
         step = _rows(n)
         for i in range(0, n, step):  # over row blocks of the plan: no full-size converted copy
-            Pb = P[i : i + step].to(cdt)
+            Pb = P[i : i + step, cols].to(cdt)
             if last:
                 acc.addmm_(x2[:, i : i + step].to(cdt), Pb)
             else:
                 acc.addmm_(Pb.T, x2[i : i + step].to(cdt))
+        if self.dense_scale is not None:  # column j of the stored plan is P[:, j] / scale[j] (powers of two)
+            sc = self.dense_scale[cols].to(acc)
+            acc.mul_(sc if last else sc[:, None])
         out = acc.to(x.device, wd)
         del acc
         out.mul_(n)
         if last:
-            return out.reshape(x.shape)
-        return out.reshape(x.movedim(dim, 0).shape).movedim(0, dim)
+            return out.reshape(*x.shape[:-1], m)
+        moved = x.movedim(dim, 0).shape
+        return out.reshape(m, *moved[1:]).movedim(0, dim)
 
 
 def _finish(P: Tensor, M: Tensor, solver: str) -> Plan:
@@ -627,23 +646,24 @@ def _kernel_scalings(K: Tensor, max_iter: int, stop: float, wide: bool = False) 
     return u, v
 
 
-def _col_lse(logK: Tensor, f: Tensor) -> Tensor:
-    """``logsumexp_i (logK[i, j] + f[i])`` for every ``j``, over row blocks (running max)."""
-    n, step = logK.shape[0], _rows(logK.shape[1])
-    m = torch.full((logK.shape[1],), -math.inf, dtype=logK.dtype, device=logK.device)
+def _col_lse(rows: Callable[[int, int], Tensor], n: int, f: Tensor) -> Tensor:
+    """``logsumexp_i (logK[i, j] + f[i])`` for every ``j``, over row blocks (running max);
+    ``rows(i, step)`` returns rows ``i : i + step`` of ``logK`` (``[n, n]``)."""
+    step = _rows(n)
+    m = torch.full((n,), -math.inf, dtype=f.dtype, device=f.device)
     acc = torch.zeros_like(m)
     for i in range(0, n, step):
-        t = logK[i : i + step] + f[i : i + step, None]
+        t = rows(i, step) + f[i : i + step, None]
         m_new = torch.maximum(m, t.amax(dim=0))
         acc.mul_(torch.exp(m - m_new)).add_(torch.exp(t.sub_(m_new)).sum(dim=0))
         m = m_new
     return m + torch.log(acc)
 
 
-def _row_lse(logK: Tensor, g: Tensor) -> Tensor:
+def _row_lse(rows: Callable[[int, int], Tensor], n: int, g: Tensor) -> Tensor:
     """``logsumexp_j (logK[i, j] + g[j])`` for every ``i``, over row blocks."""
-    step = _rows(logK.shape[1])
-    return torch.cat([torch.logsumexp(logK[i : i + step] + g[None, :], dim=1) for i in range(0, logK.shape[0], step)])
+    step = _rows(n)
+    return torch.cat([torch.logsumexp(rows(i, step) + g[None, :], dim=1) for i in range(0, n, step)])
 
 
 def _mv64(K: Tensor, x: Tensor, transpose: bool) -> Tensor:
@@ -661,8 +681,10 @@ def _mv64(K: Tensor, x: Tensor, transpose: bool) -> Tensor:
     return torch.cat([K[i : i + step].double() @ x for i in range(0, n, step)])
 
 
-def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float) -> Plan:
-    """:func:`solve_sinkhorn` for large problems, overwriting ``M`` (``[n, n]``, float32 or float64).
+def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
+                      compact: tuple[Tensor, float] | None = None) -> Plan:
+    """:func:`solve_sinkhorn` for large problems, overwriting ``M`` (``[n, n]``, float32 or float64, or
+    the float16 compact cost with its ``compact = (offset, scale)``, see below).
 
     The same two algorithms as POT's (its iteration order and stopping rule), written so that the
     only ``n x n`` buffer is ``M`` itself: it becomes the kernel ``exp(-R / reg)`` (or ``-R / reg``
@@ -676,58 +698,110 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float) -> Plan:
     minima, ``R_ij = M_ij / mean - alpha_i - beta_j >= 0`` with a zero in every row and column: the
     plan is unchanged (a row or column offset is absorbed by the scalings) and the range that
     decides the domain is usually much smaller than the shifted cost's. The kernel domain is used
-    below :data:`KERNEL_MAX_RANGE` (float64) or :data:`KERNEL_MAX_RANGE_F32` (float32).
+    below :data:`KERNEL_MAX_RANGE` (float64) or :data:`KERNEL_MAX_RANGE_F32` (float32 and bfloat16).
+
+    ``compact``: ``M`` is :meth:`SqDistCost.matrix`'s float16 form (the cost is
+    ``offset[i] + scale * M_ij``; what :func:`solve` passes for 16-bit weights), 0.4 GB at 8B. Its
+    rows are already reduced; ``R`` is formed block by block in float32, and the kernel, then the
+    plan, are written over it in **bfloat16** (same width, float32's range): one 0.4 GB buffer in
+    all. bfloat16 keeps 8 significant bits, so the kernel is that of a cost perturbed by at most
+    ``reg * 2^-9`` of the mean cost per entry (the stored float16 cost by ``2^-11`` of each reduced
+    entry); the plan entries keep 8 bits (``benchmarks/README.md``, "Sinkhorn in 16 bits", measures
+    what that does to fused layers of real weights).
     """
     n = M.shape[0]
-    identity = float(torch.diagonal(M).double().mean())
     step = _rows(n)
-    # (a float64 mean in blocks: M.mean(dtype=float64) would convert the whole matrix first)
-    scale = sum(float(M[i : i + step].sum(dtype=torch.float64)) for i in range(0, n, step)) / (n * n)
-    if scale > 0:
-        M.div_(scale)
-    alpha = M.amin(dim=1)
-    M.sub_(alpha[:, None])
-    beta = M.amin(dim=0)
-    M.sub_(beta[None, :])
-    alpha, beta = alpha.double(), beta.double()
+    # a float64 sum over blocks (M.sum(dtype=float64) would convert the whole matrix first)
+    total = sum(float(M[i : i + step].sum(dtype=torch.float64)) for i in range(0, n, step))
+    if compact is None:
+        identity = float(torch.diagonal(M).double().mean())
+        scale = total / (n * n)
+        if scale > 0:
+            M.div_(scale)
+        alpha = M.amin(dim=1)
+        M.sub_(alpha[:, None])
+        beta = M.amin(dim=0)
+        M.sub_(beta[None, :])
+        alpha, beta = alpha.double(), beta.double()
+        rmax = float(M.max())
+
+        def reduced(i: int, k: int) -> Tensor:
+            return M[i : i + k]
+    else:
+        offset, unit = compact[0].to(M.device, torch.float64), float(compact[1])
+        identity = float((offset + unit * torch.diagonal(M).double()).mean())
+        scale = (float(offset.sum()) * n + unit * total) / (n * n)
+        div = scale if scale > 0 else 1.0
+        unit /= div
+        cmin = M.amin(dim=0).float()  # (every row's minimum is already 0)
+        alpha, beta = offset / div, cmin.double() * unit
+        rmax = float((M.amax(dim=0).float() - cmin).max()) * unit
+
+        def reduced(i: int, k: int) -> Tensor:  # a float32 block of R (a copy: M's rows may then be rewritten)
+            return M[i : i + k].float().sub_(cmin).mul_(unit)
     a = 1.0 / n
     stop = tol / n
     limit = KERNEL_MAX_RANGE if M.dtype == torch.float64 else KERNEL_MAX_RANGE_F32
-    if float(M.max()) / reg < limit:
+    if rmax / reg < limit:
         name = "sinkhorn"
-        u, v = _kernel_scalings(M.mul_(-1.0 / reg).exp_(), max_iter, stop, wide=True)  # M is now the kernel
-        logK = None
+        if compact is None:
+            K = M.mul_(-1.0 / reg).exp_()  # M is now the kernel
+        else:
+            K = M.view(torch.bfloat16)
+            for i in range(0, n, step):
+                K[i : i + step] = reduced(i, step).mul_(-1.0 / reg).exp_()
+        u, v = _kernel_scalings(K, max_iter, stop, wide=True)
     else:
         name = "sinkhorn_log"
-        logK = M.mul_(-1.0 / reg)
+        if compact is None:
+            M.mul_(-1.0 / reg)
+
+            def log_kernel(i: int, k: int) -> Tensor:
+                return M[i : i + k]
+        else:
+            def log_kernel(i: int, k: int) -> Tensor:
+                return reduced(i, k).mul_(-1.0 / reg)
         la = math.log(a)
         f = torch.zeros(n, dtype=torch.float64, device=M.device)
         g = f.clone()
         for it in range(max_iter):
-            g = la - _col_lse(logK, f)
-            f = la - _row_lse(logK, g)
-            if it % 10 == 0 and float((torch.exp(_col_lse(logK, f) + g) - a).norm()) < stop:
+            g = la - _col_lse(log_kernel, n, f)
+            f = la - _row_lse(log_kernel, n, g)
+            if it % 10 == 0 and float((torch.exp(_col_lse(log_kernel, n, f) + g) - a).norm()) < stop:
                 break
-    # the plan, block by block, with its diagnostics in float64
-    P = M if M.dtype == torch.float32 else torch.empty(n, n, dtype=torch.float32, device=M.device)
+    def plan_rows(i: int, k: int) -> tuple[Tensor, float]:  # float64 rows of P, and their <P, R>
+        if name == "sinkhorn":  # blk is K: P = u K v, and R = -reg log K
+            blk = K[i : i + k].double()
+            Pb = blk * u[i : i + k, None] * v[None, :]
+            return Pb, float((Pb * torch.log(blk)).sum()) * -reg
+        blk = log_kernel(i, k).double()  # -R / reg
+        Pb = torch.exp(blk + f[i : i + k, None] + g[None, :])
+        return Pb, float((Pb * blk).sum()) * -reg
+
+    # the plan's diagnostics in float64, block by block; then the plan, over M (each block of rows is
+    # read before the plan's rows overwrite it)
     rows = torch.empty(n, dtype=torch.float64, device=M.device)
     cols = torch.zeros(n, dtype=torch.float64, device=M.device)
     colmax = torch.zeros(n, dtype=torch.float64, device=M.device)
-    cost = 0.0  # <P, R>, from R = -reg log K
+    cost = 0.0  # <P, R>
+    col_scale = None
+    if compact is None:
+        P = M if M.dtype == torch.float32 else torch.empty(n, n, dtype=torch.float32, device=M.device)
+    else:  # float16, column j divided by a power of two >= its largest entry (known after a first pass)
+        P = M
     for i in range(0, n, step):
-        blk = M[i : i + step].double()
-        if logK is None:  # blk is K: P = u K v, and R = -reg log K
-            Pb = blk * u[i : i + step, None] * v[None, :]
-            cost += float((Pb * torch.log(blk)).sum()) * -reg
-        else:  # blk is -R / reg
-            Pb = torch.exp(blk + f[i : i + step, None] + g[None, :])
-            cost += float((Pb * blk).sum()) * -reg
-        del blk
+        Pb, c = plan_rows(i, step)
+        cost += c
         rows[i : i + step] = Pb.sum(dim=1)
         cols += Pb.sum(dim=0)
         colmax = torch.maximum(colmax, Pb.amax(dim=0))
-        P[i : i + step] = Pb  # (when P is M: these rows of the kernel are no longer needed)
+        if compact is None:
+            P[i : i + step] = Pb  # (when P is M: these rows of the kernel are no longer needed)
         del Pb
+    if compact is not None:
+        col_scale = torch.exp2(torch.ceil(torch.log2(colmax.clamp_min(1e-300))))
+        for i in range(0, n, step):
+            P[i : i + step] = plan_rows(i, step)[0].div_(col_scale)
     cost += float(rows @ alpha) + float(cols @ beta)  # <P, M / mean> = <P, R> + <P 1, alpha> + <P^T 1, beta>
     return Plan(
         cost=cost * (scale if scale > 0 else 1.0),
@@ -736,11 +810,12 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float) -> Plan:
         sharpness=float(colmax.mean() * n),
         solver=name,
         dense=P,
+        dense_scale=col_scale,
     )
 
 
 def solve_sinkhorn(M: Tensor, reg: float = 0.01, max_iter: int = 3000, tol: float = 1e-4,
-                   overwrite: bool = False) -> Plan:
+                   overwrite: bool = False, compact: tuple[Tensor, float] | None = None) -> Plan:
     """Entropic OT (POT) on ``M / mean(M)`` with regularisation ``reg``, on the cost's device.
 
     The normalised cost is shifted by its minimum (which leaves the plan unchanged). When its range
@@ -753,11 +828,21 @@ def solve_sinkhorn(M: Tensor, reg: float = 0.01, max_iter: int = 3000, tol: floa
 
     Problems with more than :data:`INPLACE_MIN_ENTRIES` entries run in place
     (:func:`_sinkhorn_inplace`); ``overwrite=True`` lets them use ``M``'s memory (else a copy).
+    ``compact = (offset, scale)``: ``M`` is the float16 compact cost of :meth:`SqDistCost.matrix`
+    (the cost is ``offset[i] + scale * M_ij``); in place it becomes a bfloat16 kernel and plan.
     """
     n = M.shape[0]
+    if compact is not None and n * n <= INPLACE_MIN_ENTRIES:  # small: the float64 cost, as usual
+        M, compact = compact[0].to(M.device, torch.float64)[:, None] + float(compact[1]) * M.double(), None
     if n == 1:
         return _finish(torch.ones(1, 1, dtype=torch.float64), M.detach().cpu(), "sinkhorn")
     if n * n > INPLACE_MIN_ENTRIES:
+        if compact is not None:
+            if M.dtype != torch.float16:
+                raise ValueError(f"a compact cost is float16, not {M.dtype}")
+            own = overwrite and M.is_contiguous()
+            return _sinkhorn_inplace(M.detach() if own else M.detach().clone(memory_format=torch.contiguous_format),
+                                     reg, max_iter, tol, compact)
         wide = M.dtype == torch.float64
         own = overwrite and M.dtype in (torch.float32, torch.float64) and M.is_contiguous()
         work = M.detach() if own else M.detach().to(torch.float64 if wide else torch.float32, copy=True)
@@ -828,12 +913,13 @@ def solve_sinkhorn_batch(Ms: Tensor, reg: float = 0.01, max_iter: int = 3000, to
 def solve(M: Tensor, solver: str = "exact", reg: float = 0.01, max_iter: int = 3000, overwrite: bool = False,
           oracle: "SqDistCost | None" = None) -> Plan:
     """Dispatch on ``solver`` (``"exact"`` or ``"sinkhorn"``); ``overwrite``: ``M`` may be used as
-    scratch memory (see :func:`solve_sinkhorn`); ``oracle``: the true cost ``M`` approximates
-    (exact solver, see :func:`solve_exact`)."""
+    scratch memory (see :func:`solve_sinkhorn`); ``oracle``: the :class:`SqDistCost` that made ``M``
+    (exact: the true cost it approximates, see :func:`solve_exact`; Sinkhorn: ``M``'s compact form)."""
     if solver == "exact":
         return solve_exact(M, oracle)
     if solver == "sinkhorn":
-        return solve_sinkhorn(M, reg=reg, max_iter=max_iter, overwrite=overwrite)
+        compact = oracle.compact if oracle is not None else None
+        return solve_sinkhorn(M, reg=reg, max_iter=max_iter, overwrite=overwrite, compact=compact)
     raise ValueError(f"unknown solver {solver!r}")
 
 
