@@ -46,19 +46,24 @@ def same(p: dict, q: dict) -> bool:
             and p["query"].keys() == q["query"].keys() and all(torch.equal(p["query"][k], q["query"][k]) for k in p["query"]))
 
 
+def smollm2_pairs(pairs: int = 0, **options):
+    """SmolLM2-135M-Instruct (fp32) and the new layers of its ``layout="top"`` upscale (the pairs this
+    study was first run on; the default is now "auto"): ``(layers, spec, shape, cfg, new)``, ``new``
+    cut to the first ``pairs`` (0: all). ``options`` go to the :class:`UpscaleConfig`."""
+    d, g = default_gguf()
+    up = DepthUpscaler.from_pretrained(d, gguf_file=g, dtype=torch.float32)
+    layers, spec = up.model.model.layers, up.spec
+    cfg = UpscaleConfig(layout="top", **options)
+    new = [s for s in build_plan(len(layers), cfg).layers if s.kind == "new"]
+    return layers, spec, spec.head_shape(up.model.config), cfg, new[:pairs] if pairs else new
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=0, help="only the first N pairs (0: all)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    d, g = default_gguf()
-    up = DepthUpscaler.from_pretrained(d, gguf_file=g, dtype=torch.float32)
-    layers, spec = up.model.model.layers, up.spec
-    shape = spec.head_shape(up.model.config)
-    cfg = UpscaleConfig(layout="top")  # the pairs this study was first run on (the default is now "auto")
-    new = [s for s in build_plan(len(layers), cfg).layers if s.kind == "new"]
-    if args.pairs:
-        new = new[: args.pairs]
+    layers, spec, shape, cfg, new = smollm2_pairs(args.pairs)
     rows = []
     for s in new:
         states = [layers[j].state_dict() for j in s.sources]

@@ -9,7 +9,8 @@ fused tensors, computed in float32 before the final cast, with the reference: PO
 Sinkhorn, the route those problems take by default. The yardstick is the rounding every route
 ends with anyway: casting the reference's fused tensor to bf16.
 
-Per pair of source layers (``layout="top"``, the 15 pairs of ``plan_precision.py``), per route:
+Per pair of source layers (``layout="top"``, the 15 pairs of ``plan_precision.py``; zero-init off, so
+that the down projection is compared too), per route:
 relative L2 distance of the gate/up/down tensors to the reference, the fraction of their bf16
 elements that differ from the reference's, plan diagnostics; and the reference's own bf16 rounding.
 Written: ``benchmarks/results/sinkhorn16.json``.
@@ -27,12 +28,9 @@ from pathlib import Path
 
 import torch
 
-from hf_deepen import DepthUpscaler
 from hf_deepen.align import alignment, solvers
-from hf_deepen.config import UpscaleConfig
 from hf_deepen.fuse import make_layer
-from hf_deepen.io import default_gguf
-from hf_deepen.layouts import build_plan
+from plan_precision import smollm2_pairs  # (benchmarks/ is on the path when a script there runs)
 
 OUT = Path(__file__).parent / "results" / "sinkhorn16.json"
 ROLES = ("gate", "up", "down")
@@ -63,14 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pairs", type=int, default=0, help="only the first N pairs (0: all)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    d, g = default_gguf()
-    up = DepthUpscaler.from_pretrained(d, gguf_file=g, dtype=torch.float32)
-    layers, spec = up.model.model.layers, up.spec
-    shape = spec.head_shape(up.model.config)
-    cfg = UpscaleConfig(layout="top", solver="sinkhorn")
-    new = [s for s in build_plan(len(layers), cfg).layers if s.kind == "new"]
-    if args.pairs:
-        new = new[: args.pairs]
+    layers, spec, shape, cfg, new = smollm2_pairs(args.pairs, solver="sinkhorn", zero_init=False)
     rows = []
     for s in new:
         canons = [spec.to_canonical({k: v.to(torch.bfloat16) for k, v in layers[j].state_dict().items()})[0]
@@ -102,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary["min_reference_bf16_rounding"] = min(min(r["reference_bf16_rounding"].values()) for r in rows)
     doc = {"what": __doc__.split("\n")[0], "model": "SmolLM2-135M-Instruct, weights cast to bf16",
            "machine": f"{platform.machine()}, {torch.__version__}", "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-           "config": {"solver": "sinkhorn", "reg": cfg.sinkhorn_reg, "layout": "top"},
+           "config": {"solver": "sinkhorn", "reg": cfg.sinkhorn_reg, "layout": "top", "zero_init": False,
+                      "restore_norm": cfg.restore_norm},
            "summary": summary, "pairs": rows}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
