@@ -207,7 +207,7 @@ def align_layers(
         else:  # float32 arithmetic (see SqDistCost). The exact solver gets the compact float16 form
             # (half the memory) and certifies its assignment with the exact costs. A large Sinkhorn
             # problem runs in the matrix (its plan overwrites it): the compact form too when the
-            # weights are 16-bit (its kernel and plan are then bfloat16), else float32
+            # weights are 16-bit (a bfloat16 kernel, a column-scaled float16 plan), else float32
             parts_a, parts_b = _neuron_parts(a), _neuron_parts(b)
             oracle = SqDistCost(parts_a, parts_b, device)
             n = parts_a[0].shape[0]

@@ -702,12 +702,12 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
 
     ``compact``: ``M`` is :meth:`SqDistCost.matrix`'s float16 form (the cost is
     ``offset[i] + scale * M_ij``; what :func:`solve` passes for 16-bit weights), 0.4 GB at 8B. Its
-    rows are already reduced; ``R`` is formed block by block in float32, and the kernel, then the
-    plan, are written over it in **bfloat16** (same width, float32's range): one 0.4 GB buffer in
-    all. bfloat16 keeps 8 significant bits, so the kernel is that of a cost perturbed by at most
-    ``reg * 2^-9`` of the mean cost per entry (the stored float16 cost by ``2^-11`` of each reduced
-    entry); the plan entries keep 8 bits (``benchmarks/README.md``, "Sinkhorn in 16 bits", measures
-    what that does to fused layers of real weights).
+    rows are already reduced; ``R`` is formed block by block in float32. The kernel (kernel domain)
+    is written over it in **bfloat16** (same width, float32's range: the kernel of a cost perturbed
+    by at most ``reg * 2^-9`` of the mean cost per entry; the stored float16 cost errs by ``2^-11`` of
+    each reduced entry), and then the plan in **float16**, each column divided by a power of two
+    (:attr:`Plan.dense_scale`; 11 bits): one 0.4 GB buffer in all (``benchmarks/README.md``,
+    "Precision and memory", measures what that does to fused layers of real weights).
     """
     n = M.shape[0]
     step = _rows(n)
@@ -724,9 +724,6 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
         M.sub_(beta[None, :])
         alpha, beta = alpha.double(), beta.double()
         rmax = float(M.max())
-
-        def reduced(i: int, k: int) -> Tensor:
-            return M[i : i + k]
     else:
         offset, unit = compact[0].to(M.device, torch.float64), float(compact[1])
         identity = float((offset + unit * torch.diagonal(M).double()).mean())
@@ -785,10 +782,9 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
     colmax = torch.zeros(n, dtype=torch.float64, device=M.device)
     cost = 0.0  # <P, R>
     col_scale = None
-    if compact is None:
-        P = M if M.dtype == torch.float32 else torch.empty(n, n, dtype=torch.float32, device=M.device)
-    else:  # float16, column j divided by a power of two >= its largest entry (known after a first pass)
-        P = M
+    # float32 over a float32 M; float16 over a compact M, column j divided by a power of two >= its
+    # largest entry (known after a first pass); float64 M: a separate float32 plan
+    P = M if M.dtype != torch.float64 else torch.empty(n, n, dtype=torch.float32, device=M.device)
     for i in range(0, n, step):
         Pb, c = plan_rows(i, step)
         cost += c
@@ -829,7 +825,8 @@ def solve_sinkhorn(M: Tensor, reg: float = 0.01, max_iter: int = 3000, tol: floa
     Problems with more than :data:`INPLACE_MIN_ENTRIES` entries run in place
     (:func:`_sinkhorn_inplace`); ``overwrite=True`` lets them use ``M``'s memory (else a copy).
     ``compact = (offset, scale)``: ``M`` is the float16 compact cost of :meth:`SqDistCost.matrix`
-    (the cost is ``offset[i] + scale * M_ij``); in place it becomes a bfloat16 kernel and plan.
+    (the cost is ``offset[i] + scale * M_ij``); in place it becomes a bfloat16 kernel, then a
+    column-scaled float16 plan.
     """
     n = M.shape[0]
     if compact is not None and n * n <= INPLACE_MIN_ENTRIES:  # small: the float64 cost, as usual
