@@ -638,6 +638,111 @@ def test_compact_sinkhorn_is_the_float64_plan_in_half_the_memory(monkeypatch, do
     torch.testing.assert_close(mine.move(y, dim=1, units=slice(10, 50)), mine.move(y, dim=1)[:, 10:50], rtol=0, atol=0)
 
 
+def _reduced_range(M):
+    """``(max - min)`` of the normalised cost after row then column reduction (what decides the domain)."""
+    R = M.double() / M.double().mean()
+    R = R - R.amin(1, keepdim=True)
+    R = R - R.amin(0, keepdim=True)
+    return float(R.max()), R
+
+
+def test_inplace_float32_kernel_may_underflow_where_certified(monkeypatch):
+    """Real weights at the default reg have a reduced range of 100-600 reg: a float32 kernel
+    underflows there. The in-place solver keeps the fast kernel domain when the mass the underflowed
+    entries could carry is certified negligible (same plan as POT's float64 kernel), and only then;
+    without a way to rebuild its cost it keeps to the range where nothing underflows."""
+    from hf_deepen.align import solvers
+
+    torch.manual_seed(0)
+    X = torch.randn(64, 16, dtype=torch.float64)
+    M64 = sq_dists(X, X[torch.randperm(64)] + 0.3 * torch.randn(64, 16, dtype=torch.float64))
+    rmax, R = _reduced_range(M64)
+    reg = rmax / 300
+    assert bool((R / reg > 104).any())  # entries below float32's smallest subnormal: they do underflow
+    pot = solve_sinkhorn(M64, reg=reg, tol=1e-9, max_iter=20000)
+    assert pot.solver == "sinkhorn" and pot.marginal_error < 1e-7 and pot.sharpness > 0.5
+    monkeypatch.setattr(solvers, "INPLACE_MIN_ENTRIES", 0)
+    M = M64.float()
+    mine = solve_sinkhorn(M, reg=reg, tol=1e-9, max_iter=20000)
+    assert mine.solver == "sinkhorn"
+    torch.testing.assert_close(mine.matrix.double(), pot.matrix, atol=1e-5 / 64, rtol=1e-4)
+    assert mine.cost == pytest.approx(pot.cost, rel=1e-6)
+    assert mine.marginal_error < 1e-6  # (it includes the certified bound)
+    owned = solve_sinkhorn(M.clone(), reg=reg, tol=1e-9, max_iter=20000, overwrite=True)  # nothing to rebuild from
+    assert owned.solver == "sinkhorn_log"
+    torch.testing.assert_close(owned.matrix.double(), pot.matrix, atol=1e-4 / 64, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_inplace_kernel_underflow_that_matters_is_undone(monkeypatch, dtype):
+    """Rows 0-5 are cheap only in column 0, so the plan must use entries 218 reg above their row's
+    and column's minima: a float32 (or bfloat16, compact cost) kernel loses them, the certificate
+    fails, and the cost is rebuilt and solved in the log domain: POT's float64 plan. (With the
+    certificate's mass bound switched off, the same call returns a plan far from it: the test can
+    fail. Its finiteness check would catch the same kernel only later, once the scalings overflow.)"""
+    from hf_deepen.align import solvers
+
+    n = 12
+    M64 = torch.full((n, n), 9.0, dtype=torch.float64)
+    M64[6:] = 0.0
+    M64[:, 0] = 0.0
+    reg = 0.01
+    assert 200 < _reduced_range(M64)[0] / reg < solvers.KERNEL_MAX_RANGE
+    pot = solve_sinkhorn(M64, reg=reg, tol=1e-9, max_iter=20000)
+    assert pot.solver == "sinkhorn" and pot.marginal_error < 1e-7
+    monkeypatch.setattr(solvers, "INPLACE_MIN_ENTRIES", 0)
+    compact = (torch.zeros(n, dtype=torch.float64), 1.0) if dtype == torch.float16 else None
+    M = M64.to(dtype)
+    mine = solve_sinkhorn(M, reg=reg, tol=1e-9, max_iter=20000, compact=compact)
+    assert mine.solver == "sinkhorn_log"
+    torch.testing.assert_close(mine.matrix.double(), pot.matrix, atol=1e-3 / n, rtol=2e-3)
+    # after 100 iterations the truncated kernel's scalings are large but finite: only the mass bound
+    # tells that its plan is wrong
+    early = solve_sinkhorn(M, reg=reg, tol=1e-9, max_iter=100, compact=compact)
+    assert early.solver == "sinkhorn_log"
+    monkeypatch.setattr(solvers, "UNDERFLOW_TOL", math.inf)
+    blind = solve_sinkhorn(M, reg=reg, tol=1e-9, max_iter=100, compact=compact)
+    assert blind.solver == "sinkhorn"
+    assert float((blind.matrix.double() - pot.matrix).abs().max()) > 0.5 / n
+    assert float((early.matrix.double() - pot.matrix).abs().max()) < 0.1 / n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_alignment_rebuilds_its_overwritten_cost_for_the_log_domain(monkeypatch, dtype):
+    """When the certificate fails on a cost the solver overwrote (the alignment's own), the
+    :class:`SqDistCost` writes it again into the same buffer: the plan is the log-domain plan of
+    the original cost (forced here by a certificate that always fails)."""
+    from hf_deepen.align import solvers
+    from hf_deepen.align.solvers import SqDistCost, solve
+
+    A, B = _bf16_parts(96)
+    A, B = [a.to(dtype) for a in A], [b.to(dtype) for b in B]
+    oracle = SqDistCost(A, B)
+    compact = dtype == torch.bfloat16
+    monkeypatch.setattr(solvers, "INPLACE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(solvers, "UNDERFLOW_TOL", -1.0)
+    C = oracle.matrix(compact=compact)
+    kept = C.clone()
+    rebuilt = []
+    matrix = oracle.matrix
+
+    def spy(*args, **kw):
+        rebuilt.append(kw.get("out") is not None and kw["out"].data_ptr() == C.data_ptr())
+        return matrix(*args, **kw)
+
+    monkeypatch.setattr(oracle, "matrix", spy)
+    got = solve(C, "sinkhorn", reg=0.05, max_iter=3000, overwrite=True, oracle=oracle)
+    assert rebuilt == [True]  # the kernel domain ran first, then the cost came back into C
+    assert got.solver == "sinkhorn_log" and got.dense.data_ptr() == C.data_ptr()  # still one n x n buffer
+    monkeypatch.setattr(solvers, "KERNEL_MAX_RANGE", 0.0)
+    monkeypatch.setattr(solvers, "KERNEL_MAX_RANGE_F32", 0.0)
+    want = solve(kept, "sinkhorn", reg=0.05, max_iter=3000, overwrite=True, oracle=oracle)
+    assert want.solver == "sinkhorn_log" and len(rebuilt) == 1
+    assert torch.equal(got.dense, want.dense)
+    with pytest.raises(ValueError, match="contiguous"):
+        oracle.matrix(compact=compact, out=torch.empty(3, 3))
+
+
 def test_alignment_takes_the_compact_sinkhorn_route_only_for_16bit_weights(monkeypatch):
     """Which neuron route a large Sinkhorn problem takes: 16-bit weights -> the compact cost and a
     column-scaled float16 plan; float32 weights -> the float32 matrix and plan (bf16 storage would

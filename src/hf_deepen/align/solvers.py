@@ -58,9 +58,15 @@ Tensor = torch.Tensor
 #: below this: ``exp(-600) = 2.6e-261`` and its inverse stay inside float64's range, so neither the
 #: kernel nor the scalings under- or overflow; above it the log domain is used (slower, safe)
 KERNEL_MAX_RANGE = 600.0
-#: the same bound for a float32 kernel (:func:`_sinkhorn_inplace`): ``exp(-80) = 1.8e-35`` is
-#: still a normal float32 (the scalings are float64, so only the kernel's entries need the range)
+#: the same bound for a float32 or bfloat16 kernel (:func:`_sinkhorn_inplace`) when nothing may
+#: underflow: ``exp(-80) = 1.8e-35`` is still a normal float32 (the scalings are float64, so only the
+#: kernel's entries need the range). With a way to rebuild the cost, the in-place solver goes up to
+#: :data:`KERNEL_MAX_RANGE` and certifies what underflowed (:data:`UNDERFLOW_TOL`)
 KERNEL_MAX_RANGE_F32 = 80.0
+#: a float32/bfloat16 kernel whose entries underflow (below float32's smallest normal) is accepted
+#: when the plan mass those entries can carry, at the final scalings, is at most this fraction of a
+#: row's or column's marginal (``tol`` relative, the stopping rule's own scale); else the log domain
+UNDERFLOW_TOL = 1e-6
 
 #: problems with more plan entries than this (n > 5,792) run in place (:func:`_sinkhorn_inplace`);
 #: smaller ones through POT
@@ -631,8 +637,13 @@ def _kernel_scalings(K: Tensor, max_iter: int, stop: float, wide: bool = False) 
     blocks (:func:`_mv64`; the in-place solver's float32 kernel)."""
     a = 1.0 / K.shape[-1]
     if wide:
+        # one float64 block reused for every product: a fresh block per product costs 7-14x the
+        # conversion itself on this CPU (page faults of a new 32 MB allocation each time)
+        buf = torch.empty(_rows(K.shape[1]), K.shape[1], dtype=torch.float64, device=K.device) \
+            if K.dtype != torch.float64 else None
+
         def mv(x: Tensor, transpose: bool) -> Tensor:
-            return _mv64(K, x, transpose)
+            return _mv64(K, x, transpose, buf)
     else:
         def mv(x: Tensor, transpose: bool) -> Tensor:
             return torch.einsum("...ij,...i->...j" if transpose else "...ij,...j->...i", K, x)
@@ -666,23 +677,30 @@ def _row_lse(rows: Callable[[int, int], Tensor], n: int, g: Tensor) -> Tensor:
     return torch.cat([torch.logsumexp(rows(i, step) + g[None, :], dim=1) for i in range(0, n, step)])
 
 
-def _mv64(K: Tensor, x: Tensor, transpose: bool) -> Tensor:
+def _mv64(K: Tensor, x: Tensor, transpose: bool, buf: Tensor | None = None) -> Tensor:
     """``K^T x`` (``transpose``) or ``K x`` in float64 for ``K`` ``[n, n]`` of any float dtype, over
     row blocks: a float32 kernel's sums accumulate in float64 (a float32 sum of 14,336 terms errs by
-    ~1e-6, above the stopping threshold ``tol / n``), with no float64 copy of the kernel."""
+    ~1e-6, above the stopping threshold ``tol / n``), with no float64 copy of the kernel. ``buf``: a
+    float64 ``[_rows(n), n]`` block to convert into (else a new one per block)."""
     n, step = K.shape[0], _rows(K.shape[1])
     if K.dtype == torch.float64:
         return K.T @ x if transpose else K @ x
+
+    def block(i: int) -> Tensor:
+        blk = K[i : i + step]
+        return blk.double() if buf is None else buf[: blk.shape[0]].copy_(blk)
+
     if transpose:
         out = torch.zeros(K.shape[1], dtype=torch.float64, device=K.device)
         for i in range(0, n, step):
-            out.addmv_(K[i : i + step].T.double(), x[i : i + step])
+            out.addmv_(block(i).T, x[i : i + step])
         return out
-    return torch.cat([K[i : i + step].double() @ x for i in range(0, n, step)])
+    return torch.cat([block(i) @ x for i in range(0, n, step)])
 
 
 def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
-                      compact: tuple[Tensor, float] | None = None) -> Plan:
+                      compact: tuple[Tensor, float] | None = None,
+                      rebuild: Callable[[Tensor], object] | None = None, log: bool = False) -> Plan:
     """:func:`solve_sinkhorn` for large problems, overwriting ``M`` (``[n, n]``, float32 or float64, or
     the float16 compact cost with its ``compact = (offset, scale)``, see below).
 
@@ -699,6 +717,17 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
     plan is unchanged (a row or column offset is absorbed by the scalings) and the range that
     decides the domain is usually much smaller than the shifted cost's. The kernel domain is used
     below :data:`KERNEL_MAX_RANGE` (float64) or :data:`KERNEL_MAX_RANGE_F32` (float32 and bfloat16).
+
+    ``rebuild(M)`` (what :func:`solve_sinkhorn` passes: a copy from the caller's cost, or the
+    :class:`SqDistCost` computing it again) writes the original cost back into ``M``. With it, a
+    float32 or bfloat16 kernel is used up to :data:`KERNEL_MAX_RANGE` too, although entries beyond
+    ``exp(-87)`` underflow: real weights at the default ``reg`` land there (a reduced range of
+    100-600), where the log domain costs ~25x the kernel domain's time (``benchmarks/README.md``,
+    "Precision and memory"). Every entry stored below float32's smallest normal ``t`` differs from
+    the true kernel by less than ``t``, so at the final scalings row ``i`` of the true plan differs
+    from the stored one by at most ``u_i t sum_{j underflowed} v_j`` (columns alike): computed in
+    the final pass, and when that exceeds :data:`UNDERFLOW_TOL` of a marginal (or anything is not
+    finite), the cost is rebuilt into ``M`` and solved in the log domain (``log=True``).
 
     ``compact``: ``M`` is :meth:`SqDistCost.matrix`'s float16 form (the cost is
     ``offset[i] + scale * M_ij``; what :func:`solve` passes for 16-bit weights), 0.4 GB at 8B. Its
@@ -738,8 +767,9 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
             return M[i : i + k].float().sub_(cmin).mul_(unit)
     a = 1.0 / n
     stop = tol / n
-    limit = KERNEL_MAX_RANGE if M.dtype == torch.float64 else KERNEL_MAX_RANGE_F32
-    if rmax / reg < limit:
+    # a float32 / bfloat16 kernel may underflow only where it can be certified and undone (rebuild)
+    limit = KERNEL_MAX_RANGE if M.dtype == torch.float64 or rebuild is not None else KERNEL_MAX_RANGE_F32
+    if rmax / reg < limit and not log:
         name = "sinkhorn"
         if compact is None:
             K = M.mul_(-1.0 / reg).exp_()  # M is now the kernel
@@ -770,7 +800,8 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
         if name == "sinkhorn":  # blk is K: P = u K v, and R = -reg log K
             blk = K[i : i + k].double()
             Pb = blk * u[i : i + k, None] * v[None, :]
-            return Pb, float((Pb * torch.log(blk)).sum()) * -reg
+            # (an underflowed entry is 0 in P: its log is never used)
+            return Pb, float((Pb * torch.log(blk.clamp_min_(1e-300))).sum()) * -reg
         blk = log_kernel(i, k).double()  # -R / reg
         Pb = torch.exp(blk + f[i : i + k, None] + g[None, :])
         return Pb, float((Pb * blk).sum()) * -reg
@@ -782,10 +813,21 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
     colmax = torch.zeros(n, dtype=torch.float64, device=M.device)
     cost = 0.0  # <P, R>
     col_scale = None
+    # what underflowed in a float32 / bfloat16 kernel can carry (see the docstring): float64 bounds
+    tiny = torch.finfo(torch.float32).tiny if name == "sinkhorn" and K.dtype != torch.float64 else 0.0
+    lost_rows = torch.zeros(n, dtype=torch.float64, device=M.device)
+    lost_cols = torch.zeros(n, dtype=torch.float64, device=M.device)
     # float32 over a float32 M; float16 over a compact M, column j divided by a power of two >= its
     # largest entry (known after a first pass); float64 M: a separate float32 plan
     P = M if M.dtype != torch.float64 else torch.empty(n, n, dtype=torch.float32, device=M.device)
     for i in range(0, n, step):
+        if tiny:  # (before this block of the kernel is overwritten by the plan)
+            low = K[i : i + step] < tiny
+            if bool(low.any()):
+                low = low.double()
+                lost_rows[i : i + step] = (low @ v) * u[i : i + step] * tiny
+                lost_cols.add_(low.T @ u[i : i + step])
+            del low
         Pb, c = plan_rows(i, step)
         cost += c
         rows[i : i + step] = Pb.sum(dim=1)
@@ -794,6 +836,14 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
         if compact is None:
             P[i : i + step] = Pb  # (when P is M: these rows of the kernel are no longer needed)
         del Pb
+    lost = 0.0
+    if tiny:
+        lost_cols.mul_(v * tiny)
+        lost = float(torch.maximum(lost_rows.max(), lost_cols.max())) * n  # relative to a marginal 1/n
+        # (without a rebuild the range kept everything normal: the bound is 0 and only reported)
+        if rebuild is not None and not (lost <= UNDERFLOW_TOL and math.isfinite(float(rows.sum() + cols.sum()))):
+            rebuild(M)
+            return _sinkhorn_inplace(M, reg, max_iter, tol, compact, log=True)
     if compact is not None:
         col_scale = torch.exp2(torch.ceil(torch.log2(colmax.clamp_min(1e-300))))
         for i in range(0, n, step):
@@ -802,7 +852,7 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
     return Plan(
         cost=cost * (scale if scale > 0 else 1.0),
         identity_cost=identity,
-        marginal_error=max(float((rows * n - 1).abs().max()), float((cols * n - 1).abs().max())),
+        marginal_error=max(float((rows * n - 1).abs().max()), float((cols * n - 1).abs().max())) + lost,
         sharpness=float(colmax.mean() * n),
         solver=name,
         dense=P,
@@ -811,7 +861,8 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
 
 
 def solve_sinkhorn(M: Tensor, reg: float = 0.01, max_iter: int = 3000, tol: float = 1e-4,
-                   overwrite: bool = False, compact: tuple[Tensor, float] | None = None) -> Plan:
+                   overwrite: bool = False, compact: tuple[Tensor, float] | None = None,
+                   rebuild: Callable[[Tensor], object] | None = None) -> Plan:
     """Entropic OT (POT) on ``M / mean(M)`` with regularisation ``reg``, on the cost's device.
 
     The normalised cost is shifted by its minimum (which leaves the plan unchanged). When its range
@@ -826,7 +877,10 @@ def solve_sinkhorn(M: Tensor, reg: float = 0.01, max_iter: int = 3000, tol: floa
     (:func:`_sinkhorn_inplace`); ``overwrite=True`` lets them use ``M``'s memory (else a copy).
     ``compact = (offset, scale)``: ``M`` is the float16 compact cost of :meth:`SqDistCost.matrix`
     (the cost is ``offset[i] + scale * M_ij``); in place it becomes a bfloat16 kernel, then a
-    column-scaled float16 plan.
+    column-scaled float16 plan. ``rebuild(out)``: writes ``M`` again into ``out`` (see
+    :func:`_sinkhorn_inplace`; needed only when ``M`` itself is overwritten, a copy is rebuilt from
+    ``M``): without it an overwritten float32 or bfloat16 kernel keeps to the range where nothing
+    underflows.
     """
     n = M.shape[0]
     if compact is not None and n * n <= INPLACE_MIN_ENTRIES:  # small: the float64 cost, as usual
@@ -838,12 +892,15 @@ def solve_sinkhorn(M: Tensor, reg: float = 0.01, max_iter: int = 3000, tol: floa
             if M.dtype != torch.float16:
                 raise ValueError(f"a compact cost is float16, not {M.dtype}")
             own = overwrite and M.is_contiguous()
-            return _sinkhorn_inplace(M.detach() if own else M.detach().clone(memory_format=torch.contiguous_format),
-                                     reg, max_iter, tol, compact)
-        wide = M.dtype == torch.float64
-        own = overwrite and M.dtype in (torch.float32, torch.float64) and M.is_contiguous()
-        work = M.detach() if own else M.detach().to(torch.float64 if wide else torch.float32, copy=True)
-        return _sinkhorn_inplace(work, reg, max_iter, tol)
+            work = M.detach() if own else M.detach().clone(memory_format=torch.contiguous_format)
+        else:
+            wide = M.dtype == torch.float64
+            own = overwrite and M.dtype in (torch.float32, torch.float64) and M.is_contiguous()
+            work = M.detach() if own else M.detach().to(torch.float64 if wide else torch.float32, copy=True)
+        if not own:
+            def rebuild(out: Tensor, _src: Tensor = M.detach()) -> None:
+                out.copy_(_src)
+        return _sinkhorn_inplace(work, reg, max_iter, tol, compact, rebuild)
     import ot  # POT; imported here so that the exact path does not pay for it
 
     Md = M.detach().to(torch.float64)
@@ -916,7 +973,11 @@ def solve(M: Tensor, solver: str = "exact", reg: float = 0.01, max_iter: int = 3
         return solve_exact(M, oracle)
     if solver == "sinkhorn":
         compact = oracle.compact if oracle is not None else None
-        return solve_sinkhorn(M, reg=reg, max_iter=max_iter, overwrite=overwrite, compact=compact)
+        rebuild = None
+        if oracle is not None:
+            def rebuild(out: Tensor) -> None:  # the same matrix again, into the solver's buffer
+                oracle.matrix(out.dtype if compact is None else None, compact=compact is not None, out=out)
+        return solve_sinkhorn(M, reg=reg, max_iter=max_iter, overwrite=overwrite, compact=compact, rebuild=rebuild)
     raise ValueError(f"unknown solver {solver!r}")
 
 
@@ -1036,7 +1097,7 @@ class SqDistCost:
         return t.to(self.device, dtype or self.cdt, copy=True).div_(self.s)
 
     def matrix(self, out_dtype: torch.dtype | None = None, block: int = 1024, compute: torch.dtype | None = None,
-               compact: bool = False) -> Tensor:
+               compact: bool = False, out: Tensor | None = None) -> Tensor:
         """All distances, ``[n_a, n_b]`` in ``out_dtype`` (default: the compute dtype, float32 unless
         an input is float64), on ``device``. ``compute=torch.float64``: float64 arithmetic (the
         certificate's fallback), still one block converted at a time.
@@ -1048,22 +1109,29 @@ class SqDistCost:
         an assignment can use, the small reduced ones, keep float16's 11 bits *relative to their
         own size*; :func:`_certify_true` adds that rounding to its error bound. Rows are finished
         one block at a time (all roles and columns of a block of ``block`` rows, accumulated in
-        float32), so ``b`` is converted once per row block instead of once."""
+        float32), so ``b`` is converted once per row block instead of once. ``out``: write into this
+        contiguous ``[n_a, n_b]`` tensor of the result's dtype (what the in-place Sinkhorn rebuilds its
+        cost into) instead of a new one."""
         prec = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")  # IEEE float32 (no TF32): error_bounds() relies on it
         cdt = self.cdt
         self.cdt = compute or cdt
         self.compact = None
         try:
-            return self._compact_matrix(block) if compact else self._matrix(out_dtype, block)
+            if out is not None:
+                want = torch.float16 if compact else (out_dtype or self.cdt)
+                if out.dtype != want or tuple(out.shape) != (self.parts_a[0].shape[0], self.parts_b[0].shape[0]) \
+                        or not out.is_contiguous():
+                    raise ValueError(f"out must be a contiguous {want} [n_a, n_b] tensor, not {out.dtype} {tuple(out.shape)}")
+            return self._compact_matrix(block, out) if compact else self._matrix(out_dtype, block, out)
         finally:
             torch.set_float32_matmul_precision(prec)
             self.cdt = cdt
 
-    def _matrix(self, out_dtype: torch.dtype | None, block: int) -> Tensor:
+    def _matrix(self, out_dtype: torch.dtype | None, block: int, out: Tensor | None = None) -> Tensor:
         n_a, n_b = self.parts_a[0].shape[0], self.parts_b[0].shape[0]
         dev, cdt = self.device, self.cdt
-        out = torch.zeros(n_a, n_b, dtype=out_dtype or cdt, device=dev)
+        out = torch.zeros(n_a, n_b, dtype=out_dtype or cdt, device=dev) if out is None else out.zero_()
         na = torch.zeros(n_a, dtype=torch.float64, device=dev)
         nb = torch.zeros(n_b, dtype=torch.float64, device=dev)
         # the products over chunks of CHUNK_K features, each into a fresh buffer, then added: a dot
@@ -1098,14 +1166,14 @@ class SqDistCost:
         self._norms = (na * s2, nb * s2)
         return out
 
-    def _compact_matrix(self, block: int) -> Tensor:
+    def _compact_matrix(self, block: int, out: Tensor | None = None) -> Tensor:
         n_a, n_b = self.parts_a[0].shape[0], self.parts_b[0].shape[0]
         dev, cdt = self.device, self.cdt
         s2 = self.s * self.s
         # every |x / s| <= 1, so a squared distance is at most 2 (|a|^2 + |b|^2) <= 4 F s^2: one scale
         # for all rows, known before the first is stored (the small entries stay normal float16s)
         scale = 2.0 ** math.ceil(math.log2(4.0 * max(self.features, 1) * s2 / COMPACT_MAX)) if s2 > 0 else 1.0
-        out = torch.empty(n_a, n_b, dtype=torch.float16, device=dev)
+        out = torch.empty(n_a, n_b, dtype=torch.float16, device=dev) if out is None else out
         offset = torch.empty(n_a, dtype=torch.float64, device=dev)
         na = torch.zeros(n_a, dtype=torch.float64, device=dev)
         nb = torch.zeros(n_b, dtype=torch.float64, device=dev)
