@@ -649,10 +649,12 @@ def _kernel_scalings(K: Tensor, max_iter: int, stop: float, wide: bool = False) 
             return torch.einsum("...ij,...i->...j" if transpose else "...ij,...j->...i", K, x)
     u = torch.full(K.shape[:-1], a, dtype=torch.float64 if wide else K.dtype, device=K.device)
     v = u.clone()
+    ktu = mv(u, True)
     for it in range(max_iter):
-        v = a / mv(u, True)
+        v = a / ktu
         u = a / mv(v, False)
-        if it % 10 == 0 and float((mv(u, True) * v - a).norm(dim=-1).max()) < stop:
+        ktu = mv(u, True)  # the check's product is the next iteration's: two products per iteration
+        if it % 10 == 0 and float((ktu * v - a).norm(dim=-1).max()) < stop:
             break
     return u, v
 
