@@ -668,18 +668,19 @@ def test_inplace_float32_kernel_may_underflow_where_certified(monkeypatch):
     torch.testing.assert_close(mine.matrix.double(), pot.matrix, atol=1e-5 / 64, rtol=1e-4)
     assert mine.cost == pytest.approx(pot.cost, rel=1e-6)
     assert mine.marginal_error < 1e-6  # (it includes the certified bound)
-    owned = solve_sinkhorn(M.clone(), reg=reg, tol=1e-9, max_iter=20000, overwrite=True)  # nothing to rebuild from
+    # nothing to rebuild from: the log domain (decided before iterating; its plans are tested elsewhere)
+    owned = solve_sinkhorn(M.clone(), reg=reg, tol=1e-9, max_iter=10, overwrite=True)
     assert owned.solver == "sinkhorn_log"
-    torch.testing.assert_close(owned.matrix.double(), pot.matrix, atol=1e-4 / 64, rtol=2e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_inplace_kernel_underflow_that_matters_is_undone(monkeypatch, dtype):
     """Rows 0-5 are cheap only in column 0, so the plan must use entries 218 reg above their row's
-    and column's minima: a float32 (or bfloat16, compact cost) kernel loses them, the certificate
-    fails, and the cost is rebuilt and solved in the log domain: POT's float64 plan. (With the
-    certificate's mass bound switched off, the same call returns a plan far from it: the test can
-    fail. Its finiteness check would catch the same kernel only later, once the scalings overflow.)"""
+    and column's minima: a float32 (or bfloat16, compact cost) kernel loses them. The underflow
+    bound catches it at the first probe, the cost is rebuilt and the kernel re-formed with the
+    scalings absorbed, and the iterations end at POT's float64 plan; with absorption disallowed, the
+    log domain does. (With the bound switched off, the truncated kernel's plan is far from POT's:
+    the test can fail. Its finiteness check alone would catch it only once the scalings overflow.)"""
     from hf_deepen.align import solvers
 
     n = 12
@@ -693,25 +694,35 @@ def test_inplace_kernel_underflow_that_matters_is_undone(monkeypatch, dtype):
     monkeypatch.setattr(solvers, "INPLACE_MIN_ENTRIES", 0)
     compact = (torch.zeros(n, dtype=torch.float64), 1.0) if dtype == torch.float16 else None
     M = M64.to(dtype)
-    mine = solve_sinkhorn(M, reg=reg, tol=1e-9, max_iter=20000, compact=compact)
-    assert mine.solver == "sinkhorn_log"
-    torch.testing.assert_close(mine.matrix.double(), pot.matrix, atol=1e-3 / n, rtol=2e-3)
-    # after 100 iterations the truncated kernel's scalings are large but finite: only the mass bound
-    # tells that its plan is wrong
-    early = solve_sinkhorn(M, reg=reg, tol=1e-9, max_iter=100, compact=compact)
-    assert early.solver == "sinkhorn_log"
+    rebuilt = []
+
+    def run(max_iter):
+        rebuilt.clear()
+        return solve_sinkhorn(M.clone(), reg=reg, tol=1e-9, max_iter=max_iter, compact=compact, overwrite=True,
+                              rebuild=lambda out: (rebuilt.append(1), out.copy_(M)))
+
+    for max_iter in (20000, 100):  # (100: the absorption comes at the last iteration; it still converges)
+        mine = run(max_iter)
+        assert mine.solver == "sinkhorn" and rebuilt == [1], max_iter
+        torch.testing.assert_close(mine.matrix.double(), pot.matrix, atol=1e-3 / n, rtol=2e-3)
+        assert mine.marginal_error < 1e-6
+    monkeypatch.setattr(solvers, "ABSORB_MAX", 0)
+    log = run(20000)
+    assert log.solver == "sinkhorn_log" and rebuilt == [1]
+    torch.testing.assert_close(log.matrix.double(), pot.matrix, atol=1e-3 / n, rtol=2e-3)
     monkeypatch.setattr(solvers, "UNDERFLOW_TOL", math.inf)
-    blind = solve_sinkhorn(M, reg=reg, tol=1e-9, max_iter=100, compact=compact)
-    assert blind.solver == "sinkhorn"
+    blind = run(100)
+    assert blind.solver == "sinkhorn" and rebuilt == []
     assert float((blind.matrix.double() - pot.matrix).abs().max()) > 0.5 / n
-    assert float((early.matrix.double() - pot.matrix).abs().max()) < 0.1 / n
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_alignment_rebuilds_its_overwritten_cost_for_the_log_domain(monkeypatch, dtype):
-    """When the certificate fails on a cost the solver overwrote (the alignment's own), the
-    :class:`SqDistCost` writes it again into the same buffer: the plan is the log-domain plan of
-    the original cost (forced here by a certificate that always fails)."""
+def test_alignment_rebuilds_its_overwritten_cost_to_absorb_and_for_the_log_domain(monkeypatch, dtype):
+    """When the underflow bound fails on a cost the solver overwrote (the alignment's own), the
+    :class:`SqDistCost` writes it again into the same buffer, once to re-form the kernel with the
+    scalings absorbed and, when that fails too (forced here: a bound that always fails, one
+    absorption allowed), once more for the log domain: the plan is then the log-domain plan of the
+    original cost, in the same single n x n buffer."""
     from hf_deepen.align import solvers
     from hf_deepen.align.solvers import SqDistCost, solve
 
@@ -719,8 +730,8 @@ def test_alignment_rebuilds_its_overwritten_cost_for_the_log_domain(monkeypatch,
     A, B = [a.to(dtype) for a in A], [b.to(dtype) for b in B]
     oracle = SqDistCost(A, B)
     compact = dtype == torch.bfloat16
+    reg = _reduced_range(solvers.pairwise_sq_dists(A, B))[0] / 300  # (some kernel entries underflow)
     monkeypatch.setattr(solvers, "INPLACE_MIN_ENTRIES", 0)
-    monkeypatch.setattr(solvers, "UNDERFLOW_TOL", -1.0)
     C = oracle.matrix(compact=compact)
     kept = C.clone()
     rebuilt = []
@@ -731,13 +742,15 @@ def test_alignment_rebuilds_its_overwritten_cost_for_the_log_domain(monkeypatch,
         return matrix(*args, **kw)
 
     monkeypatch.setattr(oracle, "matrix", spy)
-    got = solve(C, "sinkhorn", reg=0.05, max_iter=3000, overwrite=True, oracle=oracle)
-    assert rebuilt == [True]  # the kernel domain ran first, then the cost came back into C
+    monkeypatch.setattr(solvers, "UNDERFLOW_TOL", -1.0)
+    monkeypatch.setattr(solvers, "ABSORB_MAX", 1)
+    got = solve(C, "sinkhorn", reg=reg, max_iter=3000, overwrite=True, oracle=oracle)
+    assert rebuilt == [True, True]  # the kernel, the absorbed kernel, then the log domain, all in C
     assert got.solver == "sinkhorn_log" and got.dense.data_ptr() == C.data_ptr()  # still one n x n buffer
     monkeypatch.setattr(solvers, "KERNEL_MAX_RANGE", 0.0)
     monkeypatch.setattr(solvers, "KERNEL_MAX_RANGE_F32", 0.0)
-    want = solve(kept, "sinkhorn", reg=0.05, max_iter=3000, overwrite=True, oracle=oracle)
-    assert want.solver == "sinkhorn_log" and len(rebuilt) == 1
+    want = solve(kept, "sinkhorn", reg=reg, max_iter=3000, overwrite=True, oracle=oracle)
+    assert want.solver == "sinkhorn_log" and len(rebuilt) == 2
     assert torch.equal(got.dense, want.dense)
     with pytest.raises(ValueError, match="contiguous"):
         oracle.matrix(compact=compact, out=torch.empty(3, 3))

@@ -67,6 +67,16 @@ KERNEL_MAX_RANGE_F32 = 80.0
 #: when the plan mass those entries can carry, at the final scalings, is at most this fraction of a
 #: row's or column's marginal (``tol`` relative, the stopping rule's own scale); else the log domain
 UNDERFLOW_TOL = 1e-6
+#: iterations between two evaluations of that bound while the kernel-domain iterations run (each
+#: costs about two products): a kernel whose lost entries matter is then re-formed early
+UNDERFLOW_PROBE = 100
+#: times the in-place solver may re-form its kernel with the scalings absorbed before it gives up
+#: on the kernel domain (see :func:`_sinkhorn_inplace`)
+ABSORB_MAX = 3
+
+
+class _Underflow(Exception):
+    """Raised by :func:`_kernel_scalings`' probe: ``(u, v, iterations done)``."""
 
 #: problems with more plan entries than this (n > 5,792) run in place (:func:`_sinkhorn_inplace`);
 #: smaller ones through POT
@@ -629,12 +639,14 @@ def _with_cert(plan: Plan, how: str, oracle: "SqDistCost | None") -> Plan:
     return plan
 
 
-def _kernel_scalings(K: Tensor, max_iter: int, stop: float, wide: bool = False) -> tuple[Tensor, Tensor]:
+def _kernel_scalings(K: Tensor, max_iter: int, stop: float, wide: bool = False,
+                     probe: Callable[[Tensor, Tensor], bool] | None = None) -> tuple[Tensor, Tensor]:
     """Kernel-domain Sinkhorn scalings ``u, v`` for ``K`` ``[..., n, n]`` and uniform marginals ``1/n``,
     in POT's order (``v`` then ``u``), stopping when every problem's column-marginal error (checked
     every 10 iterations) is below ``stop``: the plan is ``u[..., :, None] * K * v[..., None, :]``.
     ``wide``: one ``[n, n]`` kernel of any float dtype, float64 scalings and products over row
-    blocks (:func:`_mv64`; the in-place solver's float32 kernel)."""
+    blocks (:func:`_mv64`; the in-place solver's float32 kernel). ``probe(u, v)``, every
+    :data:`UNDERFLOW_PROBE` iterations: when true, :class:`_Underflow` is raised with the scalings."""
     a = 1.0 / K.shape[-1]
     if wide:
         # one float64 block reused for every product: a fresh block per product costs 7-14x the
@@ -656,7 +668,29 @@ def _kernel_scalings(K: Tensor, max_iter: int, stop: float, wide: bool = False) 
         ktu = mv(u, True)  # the check's product is the next iteration's: two products per iteration
         if it % 10 == 0 and float((ktu * v - a).norm(dim=-1).max()) < stop:
             break
+        if probe is not None and it % UNDERFLOW_PROBE == UNDERFLOW_PROBE - 1 and probe(u, v):
+            raise _Underflow(u, v, it + 1)
     return u, v
+
+
+def _lost_bound(K: Tensor, u: Tensor, v: Tensor) -> float:
+    """The most plan mass, relative to a marginal ``1/n``, that the entries of a float32 or bfloat16
+    kernel ``K`` stored below float32's smallest normal ``t`` can carry at scalings ``u, v`` (each
+    differs from its true value by less than ``t``): ``max(u_i t sum_j v_j, v_j t sum_i u_i)`` over
+    those entries of row ``i`` / column ``j``; ``inf`` for non-finite scalings."""
+    if not bool(torch.isfinite(u).all() and torch.isfinite(v).all()):
+        return math.inf
+    n, step, t = K.shape[0], _rows(K.shape[1]), torch.finfo(torch.float32).tiny
+    rows = torch.zeros(n, dtype=torch.float64, device=K.device)
+    cols = torch.zeros(n, dtype=torch.float64, device=K.device)
+    for i in range(0, n, step):
+        low = K[i : i + step] < t
+        if bool(low.any()):
+            low = low.double()
+            rows[i : i + step] = low @ v
+            cols.add_(low.T @ u[i : i + step])
+        del low
+    return float(torch.maximum((rows * u).max(), (cols * v).max())) * t * n
 
 
 def _col_lse(rows: Callable[[int, int], Tensor], n: int, f: Tensor) -> Tensor:
@@ -702,7 +736,8 @@ def _mv64(K: Tensor, x: Tensor, transpose: bool, buf: Tensor | None = None) -> T
 
 def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
                       compact: tuple[Tensor, float] | None = None,
-                      rebuild: Callable[[Tensor], object] | None = None, log: bool = False) -> Plan:
+                      rebuild: Callable[[Tensor], object] | None = None, log: bool = False,
+                      absorb: tuple[Tensor, Tensor, int] | None = None, done: int = 0) -> Plan:
     """:func:`solve_sinkhorn` for large problems, overwriting ``M`` (``[n, n]``, float32 or float64, or
     the float16 compact cost with its ``compact = (offset, scale)``, see below).
 
@@ -727,9 +762,17 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
     100-600), where the log domain costs ~25x the kernel domain's time (``benchmarks/README.md``,
     "Precision and memory"). Every entry stored below float32's smallest normal ``t`` differs from
     the true kernel by less than ``t``, so at the final scalings row ``i`` of the true plan differs
-    from the stored one by at most ``u_i t sum_{j underflowed} v_j`` (columns alike): computed in
-    the final pass, and when that exceeds :data:`UNDERFLOW_TOL` of a marginal (or anything is not
-    finite), the cost is rebuilt into ``M`` and solved in the log domain (``log=True``).
+    from the stored one by at most ``u_i t sum_{j underflowed} v_j`` (columns alike,
+    :func:`_lost_bound`): evaluated every :data:`UNDERFLOW_PROBE` iterations and after the last one.
+    When it exceeds :data:`UNDERFLOW_TOL` of a marginal, the cost is rebuilt into ``M`` and the kernel
+    re-formed with the current scalings absorbed (``absorb = (log u - log a, log v - log a,
+    count)``: ``K~_ij = u_i K_ij v_j / a^2`` from the true cost, so that what underflows now is plan
+    mass below ``t``), and the iterations go on from there (Schmitzer's stabilised Sinkhorn, one
+    absorption per rebuild; ``done`` counts the iterations before it, and at least
+    :data:`UNDERFLOW_PROBE` more run after one). On Gemma-3's real weights this is needed (the
+    truncated kernel's scalings grow to 1e30; ``benchmarks/README.md``). After :data:`ABSORB_MAX`
+    absorptions, or on non-finite scalings, the cost is rebuilt once more and solved in the log
+    domain (``log=True``).
 
     ``compact``: ``M`` is :meth:`SqDistCost.matrix`'s float16 form (the cost is
     ``offset[i] + scale * M_ij``; what :func:`solve` passes for 16-bit weights), 0.4 GB at 8B. Its
@@ -771,15 +814,46 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
     stop = tol / n
     # a float32 / bfloat16 kernel may underflow only where it can be certified and undone (rebuild)
     limit = KERNEL_MAX_RANGE if M.dtype == torch.float64 or rebuild is not None else KERNEL_MAX_RANGE_F32
+    lost = 0.0  # (the underflow bound of an accepted float32 / bfloat16 kernel)
     if rmax / reg < limit and not log:
         name = "sinkhorn"
-        if compact is None:
+        if absorb is not None:  # K~ = u K v / a^2 for the scalings reached: exponents in float64
+            lu, lv = absorb[0].to(M.device), absorb[1].to(M.device)
+            K = M if compact is None else M.view(torch.bfloat16)
+            for i in range(0, n, step):
+                blk = M[i : i + step].double() if compact is None else reduced(i, step).double()
+                K[i : i + step] = blk.mul_(-1.0 / reg).add_(lu[i : i + step, None]).add_(lv[None, :]).exp_()
+                del blk
+        elif compact is None:
             K = M.mul_(-1.0 / reg).exp_()  # M is now the kernel
         else:
             K = M.view(torch.bfloat16)
             for i in range(0, n, step):
                 K[i : i + step] = reduced(i, step).mul_(-1.0 / reg).exp_()
-        u, v = _kernel_scalings(K, max_iter, stop, wide=True)
+        # a float32 / bfloat16 kernel with underflowed entries is checked (rebuild: see limit above)
+        check = rebuild is not None and K.dtype != torch.float64 and \
+            any(bool((K[i : i + step] < torch.finfo(torch.float32).tiny).any()) for i in range(0, n, step))
+        count = absorb[2] if absorb is not None else 0
+
+        def again(u: Tensor, v: Tensor, used: int) -> Plan:  # rebuild the cost; absorb u, v or go to the log domain
+            rebuild(M)
+            if count >= ABSORB_MAX or not bool(torch.isfinite(u).all() and torch.isfinite(v).all()):
+                return _sinkhorn_inplace(M, reg, max_iter, tol, compact, log=True)
+            la = math.log(a)
+            lu, lv = (absorb[0], absorb[1]) if absorb is not None else (0.0, 0.0)
+            return _sinkhorn_inplace(M, reg, max_iter, tol, compact, rebuild,
+                                     absorb=(lu + u.log() - la, lv + v.log() - la, count + 1), done=done + used)
+
+        try:
+            # (after an absorption at least UNDERFLOW_PROBE more iterations, even past max_iter: the
+            # scalings absorbed from a truncated kernel are not a plan of the true one yet)
+            u, v = _kernel_scalings(K, max(max_iter - done, UNDERFLOW_PROBE if absorb is not None else 0), stop, wide=True,
+                                    probe=(lambda u, v: _lost_bound(K, u, v) > UNDERFLOW_TOL) if check else None)
+        except _Underflow as e:
+            return again(*e.args)
+        lost = _lost_bound(K, u, v) if check else 0.0  # (the final scalings: before K is overwritten)
+        if lost > UNDERFLOW_TOL:
+            return again(u, v, max_iter - done)
     else:
         name = "sinkhorn_log"
         if compact is None:
@@ -815,21 +889,10 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
     colmax = torch.zeros(n, dtype=torch.float64, device=M.device)
     cost = 0.0  # <P, R>
     col_scale = None
-    # what underflowed in a float32 / bfloat16 kernel can carry (see the docstring): float64 bounds
-    tiny = torch.finfo(torch.float32).tiny if name == "sinkhorn" and K.dtype != torch.float64 else 0.0
-    lost_rows = torch.zeros(n, dtype=torch.float64, device=M.device)
-    lost_cols = torch.zeros(n, dtype=torch.float64, device=M.device)
     # float32 over a float32 M; float16 over a compact M, column j divided by a power of two >= its
     # largest entry (known after a first pass); float64 M: a separate float32 plan
     P = M if M.dtype != torch.float64 else torch.empty(n, n, dtype=torch.float32, device=M.device)
     for i in range(0, n, step):
-        if tiny:  # (before this block of the kernel is overwritten by the plan)
-            low = K[i : i + step] < tiny
-            if bool(low.any()):
-                low = low.double()
-                lost_rows[i : i + step] = (low @ v) * u[i : i + step] * tiny
-                lost_cols.add_(low.T @ u[i : i + step])
-            del low
         Pb, c = plan_rows(i, step)
         cost += c
         rows[i : i + step] = Pb.sum(dim=1)
@@ -838,14 +901,8 @@ def _sinkhorn_inplace(M: Tensor, reg: float, max_iter: int, tol: float,
         if compact is None:
             P[i : i + step] = Pb  # (when P is M: these rows of the kernel are no longer needed)
         del Pb
-    lost = 0.0
-    if tiny:
-        lost_cols.mul_(v * tiny)
-        lost = float(torch.maximum(lost_rows.max(), lost_cols.max())) * n  # relative to a marginal 1/n
-        # (without a rebuild the range kept everything normal: the bound is 0 and only reported)
-        if rebuild is not None and not (lost <= UNDERFLOW_TOL and math.isfinite(float(rows.sum() + cols.sum()))):
-            rebuild(M)
-            return _sinkhorn_inplace(M, reg, max_iter, tol, compact, log=True)
+    if name == "sinkhorn" and absorb is not None:  # -reg log K~ = R - reg (lu_i + lv_j)
+        cost += reg * (float(rows @ absorb[0].to(rows)) + float(cols @ absorb[1].to(cols)))
     if compact is not None:
         col_scale = torch.exp2(torch.ceil(torch.log2(colmax.clamp_min(1e-300))))
         for i in range(0, n, step):
