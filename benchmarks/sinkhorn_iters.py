@@ -1,0 +1,109 @@
+"""How many Sinkhorn iterations does a fused layer need (issue 13)?
+
+At ``sinkhorn_reg=0.01`` the neuron problems of real weights do not meet the stopping rule
+(marginal error below 1e-4 of a marginal) within the default 3,000 iterations (their error stays at
+3-7e-4, ``sinkhorn_domains.py``), so every problem runs all 3,000. On an 8B layer (14,336 neurons)
+one kernel product costs ~0.26 s on one thread of this CPU: ~26 minutes of Sinkhorn per new layer.
+This script asks what the later iterations buy: per pair of source layers of a real model (weights
+cast to bf16, the 16-bit in-place route that 8B-sized problems take, forced), the new layer's fused
+gate/up/down tensors (float32, before the final cast) after ``--iters`` iterations, against the
+same route at the largest count and against POT's float64 Sinkhorn at the default 3,000 (the route
+these problems take by default). The yardstick is the rounding every route ends with: casting the
+fused tensor to bf16. Also reported: how far the exact solver's fused layer is from Sinkhorn's (the
+size of a difference the choice of solver makes).
+
+    python benchmarks/sinkhorn_iters.py [--model smollm2|gemma3] [--pairs N] [--iters 100,300,1000,3000]
+
+Written: ``benchmarks/results/sinkhorn_iters_<model>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from hf_deepen.align import alignment, solvers
+from hf_deepen.fuse import make_layer
+from plan_precision import model_pairs  # (benchmarks/ is on the path when a script there runs)
+
+RESULTS = Path(__file__).parent / "results"
+ROLES = ("gate", "up", "down")
+
+
+def fused(canons, shape, cfg, inplace: bool):
+    """The fused layer (float32 tensors) on the 16-bit in-place route (``inplace``) or POT's float64 one."""
+    old = solvers.INPLACE_MIN_ENTRIES, alignment.COMPACT_SINKHORN
+    solvers.INPLACE_MIN_ENTRIES, alignment.COMPACT_SINKHORN = (0 if inplace else old[0]), True
+    try:
+        t = time.perf_counter()
+        res = make_layer("opt", [dict(c) for c in canons], shape, cfg, dtype=torch.float32)
+        return res, time.perf_counter() - t
+    finally:
+        solvers.INPLACE_MIN_ENTRIES, alignment.COMPACT_SINKHORN = old
+
+
+def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x.double() - y.double()).norm() / y.double().norm())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"))
+    ap.add_argument("--pairs", type=int, default=0, help="only the first N pairs (0: all)")
+    ap.add_argument("--iters", default="100,300,1000,3000", help="iteration counts, comma-separated")
+    ap.add_argument("--out", default=None, help="default: results/sinkhorn_iters_<model>.json")
+    args = ap.parse_args(argv)
+    iters = sorted(int(x) for x in args.iters.split(","))
+    out = Path(args.out or RESULTS / f"sinkhorn_iters_{args.model}.json")
+    layers, spec, shape, cfg, new = model_pairs(args.model, args.pairs, solver="sinkhorn", zero_init=False)
+    exact_cfg = dataclasses.replace(cfg, solver="exact")
+    rows = []
+    for s in new:
+        canons = [spec.to_canonical({k: v.to(torch.bfloat16) for k, v in layers[j].state_dict().items()})[0]
+                  for j in s.sources]
+        pot, pot_sec = fused(canons, shape, cfg, inplace=False)
+        exact, _ = fused(canons, shape, exact_cfg, inplace=False)
+        runs = {n: fused(canons, shape, dataclasses.replace(cfg, sinkhorn_max_iter=n), inplace=True) for n in iters}
+        last = runs[iters[-1]][0].canon
+        ref = pot.canon
+        row = {"sources": list(s.sources), "pot_seconds": pot_sec,
+               "pot_marginal_error": pot.diagnostics.get("neurons_marginal_error"),
+               "bf16_rounding_of_pot": {r: rel(ref[r].bfloat16(), ref[r]) for r in ROLES},
+               "exact_vs_pot": {r: rel(exact.canon[r], ref[r]) for r in ROLES}, "iters": {}}
+        for n, (res, sec) in runs.items():
+            dg = res.diagnostics
+            row["iters"][str(n)] = {
+                "seconds": sec,
+                "marginal_error": dg.get("neurons_marginal_error"),
+                "kernel_domain": dg.get("neurons_kernel_domain"),
+                "rel_l2_to_last": {r: rel(res.canon[r], last[r]) for r in ROLES},
+                "rel_l2_to_pot": {r: rel(res.canon[r], ref[r]) for r in ROLES},
+            }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    summary = {str(n): {"max_rel_l2_to_last": max(max(r["iters"][str(n)]["rel_l2_to_last"].values()) for r in rows),
+                        "max_rel_l2_to_pot": max(max(r["iters"][str(n)]["rel_l2_to_pot"].values()) for r in rows),
+                        "max_marginal_error": max(r["iters"][str(n)]["marginal_error"] or 0.0 for r in rows),
+                        "mean_seconds": sum(r["iters"][str(n)]["seconds"] for r in rows) / len(rows)}
+               for n in iters}
+    summary["min_bf16_rounding_of_pot"] = min(min(r["bf16_rounding_of_pot"].values()) for r in rows)
+    summary["min_exact_vs_pot"] = min(min(r["exact_vs_pot"].values()) for r in rows)
+    doc = {"what": __doc__.split("\n")[0], "model": f"{args.model}, weights cast to bf16",
+           "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+           "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+           "config": {"solver": "sinkhorn", "reg": cfg.sinkhorn_reg, "layout": "top", "zero_init": False,
+                      "restore_norm": cfg.restore_norm, "iters": iters},
+           "summary": summary, "pairs": rows}
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
