@@ -136,18 +136,26 @@ def test_sinkhorn_kernel_and_log_domains_agree():
 
     torch.manual_seed(0)
     X = torch.randn(48, 16)
-    M = sq_dists(X, X[torch.randperm(48)] + 0.3 * torch.randn(48, 16))
-    kernel = solve_sinkhorn(M, reg=0.05, tol=1e-7)
-    assert kernel.solver == "sinkhorn"  # the range of M / mean(M) over reg is far below the limit
-    old = solvers.KERNEL_MAX_RANGE
+    M = sq_dists(X, X[torch.randperm(48)] + 0.3 * torch.randn(48, 16)).double()
+    pot = solve_sinkhorn(M, reg=0.05, tol=1e-7)
+    assert pot.solver == "sinkhorn"  # the range of M / mean(M) over reg is far below the limit
+    old = solvers.KERNEL_MAX_RANGE, solvers.INPLACE_MIN_ENTRIES
     try:
-        solvers.KERNEL_MAX_RANGE = 0.0  # force the log-domain fallback on the same problem
+        # out of range (forced): the small route goes to the in-place solver, which runs the log
+        # domain; its kernel domain (forced in place) runs the same iterations on the same reduced cost
+        solvers.KERNEL_MAX_RANGE = 0.0
         log = solve_sinkhorn(M, reg=0.05, tol=1e-7)
+        solvers.KERNEL_MAX_RANGE, solvers.INPLACE_MIN_ENTRIES = old[0], 0
+        kernel = solve_sinkhorn(M, reg=0.05, tol=1e-7)
     finally:
-        solvers.KERNEL_MAX_RANGE = old
-    assert log.solver == "sinkhorn_log"
+        solvers.KERNEL_MAX_RANGE, solvers.INPLACE_MIN_ENTRIES = old
+    assert log.solver == "sinkhorn_log" and kernel.solver == "sinkhorn"
+    assert log.matrix.dtype == torch.float64  # (a small problem's plan, as POT's)
     assert kernel.marginal_error < 1e-3 and log.marginal_error < 1e-3
-    torch.testing.assert_close(kernel.matrix, log.matrix, atol=1e-5 / 48, rtol=1e-3)
+    torch.testing.assert_close(kernel.matrix.double(), log.matrix, atol=1e-9, rtol=1e-6)
+    # neither has converged at 3,000 iterations here (marginal error ~2e-4), and the reduced cost
+    # starts the iterations elsewhere than POT's shifted one: the plans agree to the iterations' gap
+    torch.testing.assert_close(log.matrix, pot.matrix, atol=2e-6, rtol=0)
 
 
 def test_sinkhorn_falls_back_to_log_domain_on_a_large_range():
@@ -290,20 +298,30 @@ def test_inplace_sinkhorn_matches_pot(monkeypatch, domain, dtype):
 def test_inplace_sinkhorn_reduction_keeps_the_kernel_domain(monkeypatch):
     """Row and column offsets (a cost ``c_i + d_j + small``) leave the plan unchanged; the in-place
     solver removes them before choosing the domain, so it stays in the fast kernel domain where
-    the min-shifted cost is far out of range (POT's path: log domain), and finds the same plan."""
+    the min-shifted cost is far out of range (POT's path: log domain), and finds the same plan. The
+    small route (below INPLACE_MIN_ENTRIES) hands such problems to it too, on a float64 copy."""
+    import ot
+
     from hf_deepen.align import solvers
 
     g = torch.Generator().manual_seed(1)
     small = torch.rand(48, 48, generator=g, dtype=torch.float64)  # the structure the plan sees
     M = small + 100.0 * torch.rand(48, 1, generator=g, dtype=torch.float64) + 100.0 * torch.rand(1, 48, generator=g, dtype=torch.float64)
-    pot = solve_sinkhorn(M, reg=0.002, tol=1e-9, max_iter=20000)
-    assert pot.solver == "sinkhorn_log"
+    Mn = M / M.mean()
+    Mn -= Mn.min()
+    assert float(Mn.max()) / 0.002 > solvers.KERNEL_MAX_RANGE  # POT's kernel would underflow: its log domain
+    a = torch.full((48,), 1.0 / 48, dtype=torch.float64)
+    pot = ot.sinkhorn(a.float(), a.float(), Mn.float(), 0.002, method="sinkhorn_log", numItermax=20000,
+                      stopThr=1e-9 / 48, warn=False).double()  # (what the small route ran before)
+    small = solve_sinkhorn(M, reg=0.002, tol=1e-9, max_iter=20000)  # the small route reduces too
+    assert small.solver == "sinkhorn" and small.matrix.dtype == torch.float64
+    torch.testing.assert_close(small.matrix, pot, atol=1e-5 / 48, rtol=2e-3)
     monkeypatch.setattr(solvers, "INPLACE_MIN_ENTRIES", 0)
     for dtype in (torch.float64, torch.float32):
         mine = solve_sinkhorn(M.to(dtype), reg=0.002, tol=1e-9, max_iter=20000)
         assert mine.solver == "sinkhorn", dtype
         assert mine.sharpness > 2.0 / 48  # not the uniform plan: the comparison means something
-        torch.testing.assert_close(mine.matrix.double(), pot.matrix, atol=1e-5 / 48, rtol=2e-3)
+        torch.testing.assert_close(mine.matrix.double(), pot, atol=1e-5 / 48, rtol=2e-3)
         # <P, M>, with the offsets the reduction took out added back (POT's float32 log domain is
         # the less precise side here, so the cost is checked against the plan itself)
         want = float((mine.matrix.double() * M).sum())

@@ -45,7 +45,7 @@ Example
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -928,8 +928,11 @@ def solve_sinkhorn(M: Tensor, reg: float = 0.01, max_iter: int = 3000, tol: floa
     over ``reg`` is below :data:`KERNEL_MAX_RANGE`, the kernel-domain algorithm
     (``method="sinkhorn"``) runs in float64: ``exp(-M / reg)`` cannot underflow there, and it is an
     order of magnitude faster than the log domain (13x on SmolLM2's 1,536-neuron problems, same
-    plan to 6e-6). Otherwise the log-domain algorithm (``method="sinkhorn_log"``), which cannot
-    underflow at any range, runs in float32. Stops when the relative marginal error is about
+    plan to 6e-6). Otherwise the problem goes to :func:`_sinkhorn_inplace` on a float64 copy: it
+    reduces the cost by its row and column minima (the same plan), which usually brings the range
+    back into the float64 kernel domain; where it does not, it runs the log domain in float64 (POT's
+    log domain, which this replaced, was 5-25x slower on real weights: ``benchmarks/README.md``,
+    "Precision and memory"). Stops when the relative marginal error is about
     ``tol`` or after ``max_iter`` iterations; the caller checks ``Plan.marginal_error``.
 
     Problems with more than :data:`INPLACE_MIN_ENTRIES` entries run in place
@@ -972,10 +975,13 @@ def solve_sinkhorn(M: Tensor, reg: float = 0.01, max_iter: int = 3000, tol: floa
         P = ot.sinkhorn(a, a, Mn, reg, method="sinkhorn", numItermax=max_iter, stopThr=tol / n, warn=False)
         name = "sinkhorn"
     else:
-        Mn = Mn.to(torch.float32)
-        a = torch.full((n,), 1.0 / n, dtype=torch.float32, device=Mn.device)
-        P = ot.sinkhorn(a, a, Mn, reg, method="sinkhorn_log", numItermax=max_iter, stopThr=tol / n, warn=False)
-        name = "sinkhorn_log"
+        # out of the kernel's range as shifted: the in-place solver on a float64 copy. It reduces the
+        # cost by its row and column minima first, which on real weights brings the range back under
+        # KERNEL_MAX_RANGE (float64 kernel domain, the algorithm above); else it runs the log domain.
+        # POT's log domain took 5-25x longer (benchmarks/README.md, "Precision and memory").
+        del Mn
+        plan = _sinkhorn_inplace(Md.clone(), reg, max_iter, tol)
+        return replace(plan, dense=plan.dense.to(torch.float64))  # (small: float64 as above)
     del Mn
     return _finish(P.to("cpu", torch.float64), Md.cpu(), name)
 
