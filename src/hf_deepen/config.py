@@ -42,9 +42,10 @@ class UpscaleConfig:
     solver:
         OT solver for ``method="opt"``: ``"exact"`` (an assignment problem, solved exactly; from
         4,096 units on a sparse candidate graph, certified optimal by LP duality) or
-        ``"sinkhorn"`` (entropic OT, kernel domain when the cost's range allows, else log domain,
-        applied as a barycentric map; in place for large problems, where an underflowing kernel is
-        kept only when what it lost is certified negligible).
+        ``"sinkhorn"`` (entropic OT, kernel domain when the cost's range allows, after reducing it by
+        its row and column minima where it does not, else log domain; applied as a barycentric
+        map; in place for large problems, where an underflowing kernel is kept only when what it
+        lost is certified negligible, else re-formed with the scalings absorbed).
     align_on:
         What OT compares for ``method="opt"``: ``"weights"`` (the units' parameters, the paper's
         choice; default) or ``"activations"`` (what the units compute on calibration text passed to
