@@ -354,10 +354,14 @@ class Models:
         model.to(self.ctx.device)
         info["initial"] = eval_all(model, self.data, self.ctx)
         model.to("cpu")
-        tmp = pt.with_suffix(".tmp")
-        torch.save(model, tmp)
-        tmp.replace(pt)
-        js.write_text(json.dumps(info))
+        # two study processes may build the same prototype at once: each writes its own temporary
+        # files (the results are identical) and renames them; the info first, so that a reader that
+        # finds both files finds both complete
+        tmp_js, tmp_pt = js.with_suffix(f".{os.getpid()}.tmp"), pt.with_suffix(f".{os.getpid()}.tmp")
+        tmp_js.write_text(json.dumps(info))
+        tmp_js.replace(js)
+        torch.save(model, tmp_pt)
+        tmp_pt.replace(pt)
         return model, info
 
     def build(self, v: Variant) -> tuple[Any, dict[str, Any]]:
