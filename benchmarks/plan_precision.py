@@ -60,6 +60,15 @@ def model_pairs(model: str = "smollm2", pairs: int = 0, **options):
     return layers, spec, spec.head_shape(up.model.config), cfg, new[:pairs] if pairs else new
 
 
+MODELS = ("smollm2", "gemma3")  # study.load_model's real models
+
+
+def add_pair_args(ap) -> None:
+    """``--model`` and ``--pairs``, the arguments of every script built on :func:`model_pairs`."""
+    ap.add_argument("--model", default="smollm2", choices=MODELS)
+    ap.add_argument("--pairs", type=int, default=0, help="only the first N pairs (0: all)")
+
+
 def smollm2_pairs(pairs: int = 0, **options):
     """:func:`model_pairs` of SmolLM2-135M-Instruct."""
     return model_pairs("smollm2", pairs, **options)
@@ -67,8 +76,7 @@ def smollm2_pairs(pairs: int = 0, **options):
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"))
-    ap.add_argument("--pairs", type=int, default=0, help="only the first N pairs (0: all)")
+    add_pair_args(ap)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     layers, spec, shape, cfg, new = model_pairs(args.model, args.pairs)

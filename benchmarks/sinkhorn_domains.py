@@ -27,7 +27,7 @@ import torch
 from hf_deepen.align import solvers
 from hf_deepen.align.alignment import _neuron_parts
 from hf_deepen.align.solvers import SqDistCost, solve
-from plan_precision import model_pairs  # (benchmarks/ is on the path when a script there runs)
+from plan_precision import add_pair_args, model_pairs  # (benchmarks/ is on the path when a script there runs)
 
 OUT = Path(__file__).parent / "results" / "sinkhorn_domains.json"
 
@@ -57,8 +57,7 @@ def forced(oracle: SqDistCost, compact: bool, reg: float) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"))
-    ap.add_argument("--pairs", type=int, default=0, help="only the first N pairs (0: all)")
+    add_pair_args(ap)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from plan_precision import model_pairs  # (benchmarks/ is on the path when a script there runs)
+from plan_precision import add_pair_args, model_pairs  # (benchmarks/ is on the path when a script there runs)
 from sinkhorn16 import ROUTES, fused, rel
 
 POT, INPLACE16 = list(ROUTES)[0], list(ROUTES)[2]  # POT's float64 route; the 16-bit in-place (8B) route
@@ -40,8 +40,7 @@ ROLES = ("gate", "up", "down")
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"))
-    ap.add_argument("--pairs", type=int, default=0, help="only the first N pairs (0: all)")
+    add_pair_args(ap)
     ap.add_argument("--iters", default="100,300,1000,3000", help="iteration counts, comma-separated")
     ap.add_argument("--out", default=None, help="default: results/sinkhorn_iters_<model>.json")
     args = ap.parse_args(argv)
