@@ -2,6 +2,8 @@
 matrix and the certified exact assignment of random bf16 features (n x 1024), 1 thread.
 Usage: python benchmarks/mmap_ab.py {plain|mmap} N  (one process per arm: mallopt cannot be undone)."""
 import sys, time, ctypes, torch
+if len(sys.argv) != 3 or sys.argv[1] not in ("plain", "mmap") or not sys.argv[2].isdigit():
+    sys.exit(__doc__)  # (also for --help)
 torch.set_num_threads(1)
 if sys.argv[1] == "mmap":
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
