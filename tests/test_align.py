@@ -233,6 +233,36 @@ def test_explicit_cpu_device_gives_the_same_layer():
         assert torch.equal(r1.canon[k], r2.canon[k]), k
 
 
+def test_sinkhorn_tol_follows_the_new_layers_dtype():
+    """The default stopping rule is the output dtype's epsilon (at least 1e-4); a given tol wins."""
+    cfg = UpscaleConfig()
+    assert cfg.sinkhorn_tol_for(torch.float32) == cfg.sinkhorn_tol_for(torch.float64) == 1e-4
+    assert cfg.sinkhorn_tol_for(torch.bfloat16) == 2.0 ** -7 and cfg.sinkhorn_tol_for(torch.float16) == 2.0 ** -10
+    assert UpscaleConfig(sinkhorn_tol=1e-6).sinkhorn_tol_for(torch.bfloat16) == 1e-6
+
+
+def test_sinkhorn_stops_at_its_tol_and_bf16_layers_stop_earlier():
+    """A looser tol stops earlier (larger marginal error, still within it), and a bfloat16 layer's
+    plans are solved to bfloat16's rule: its fused tensors are those of ``sinkhorn_tol=2**-7``."""
+    torch.manual_seed(0)
+    M = torch.rand(48, 48, dtype=torch.float64)
+    tight, loose = solve_sinkhorn(M, reg=0.01, tol=1e-6), solve_sinkhorn(M, reg=0.01, tol=1e-2)
+    assert tight.marginal_error < 1e-6 < loose.marginal_error < 1e-2
+    model = tiny_model("gqa")
+    _, shape, a = canon_of(model, 1)
+    _, _, b = canon_of(model, 2)
+    a, b = ({k: v.bfloat16() for k, v in c.items()} for c in (a, b))
+    cfg = UpscaleConfig(solver="sinkhorn", sinkhorn_reg=0.01, zero_init=False)
+    runs = {tol: make_layer("opt", [dict(a), dict(b)], shape, UpscaleConfig(**{**cfg.to_dict(), "sinkhorn_tol": tol}),
+                            dtype=torch.float32) for tol in (1e-6, 2.0 ** -7)}
+    auto = make_layer("opt", [dict(a), dict(b)], shape, cfg, dtype=torch.bfloat16)
+    assert auto.diagnostics["sinkhorn_tol"] == 2.0 ** -7
+    assert runs[2.0 ** -7].diagnostics["neurons_marginal_error"] > runs[1e-6].diagnostics["neurons_marginal_error"]
+    for k in auto.canon:
+        assert torch.equal(auto.canon[k], runs[2.0 ** -7].canon[k].bfloat16()), k
+    assert any(not torch.equal(auto.canon[k], runs[1e-6].canon[k].bfloat16()) for k in ("gate", "up", "down"))
+
+
 def test_batched_sinkhorn_matches_one_by_one(monkeypatch):
     from hf_deepen.align import solvers
     from hf_deepen.align.solvers import solve_sinkhorn_batch

@@ -15,7 +15,7 @@ def test_help_lists_every_option():
     assert out.returncode == 0
     for opt in ("--method", "--solver", "--sinkhorn-reg", "--layout", "--num-layers", "--positions", "--every-k",
                 "--no-zero-init", "--fusion-weight", "--restore-norm", "--gguf-file", "--trust-remote-code", "--overwrite",
-                "--zero-target", "--align-on", "--calibration", "--calibration-tokens"):
+                "--zero-target", "--align-on", "--calibration", "--calibration-tokens", "--sinkhorn-max-iter", "--sinkhorn-tol"):
         assert opt in out.stdout, opt
 
 

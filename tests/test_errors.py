@@ -30,6 +30,8 @@ from conftest import tiny_model
         (dict(positions=[1], layout="top"), ConfigError, "drop one"),
         (dict(method="solar", zero_init=True), ConfigError, "never function preserving"),
         (dict(sinkhorn_reg=0), ConfigError, "sinkhorn_reg"),
+        (dict(sinkhorn_tol=0.0), ConfigError, "sinkhorn_tol"),
+        (dict(sinkhorn_tol=1.5), ConfigError, "sinkhorn_tol"),
         (dict(fusion_weight=1.5), ConfigError, r"\[0, 1\]"),
         (dict(positions=["a"]), ConfigError, "integers"),
     ],

@@ -117,3 +117,22 @@ def test_both_sinks_report_the_stage_breakdown(tmp_path):
     assert common | {"surgery"} <= set(mem)
     for t in (streamed, mem):
         assert 0 < t["cost"] + t["assign"] + t["fuse"] <= t["align+fuse"] <= t["build"]
+
+
+def test_marginal_warning_judges_a_plan_by_the_tol_it_was_solved_to():
+    """A bfloat16 layer's Sinkhorn stops at 2**-7: a 3e-3 marginal error is its rule met, not a fault;
+    the same error under the float32 rule (or with no tol recorded) still warns."""
+    import warnings as w
+
+    from hf_deepen.errors import AlignmentWarning
+    from hf_deepen.pipeline import check_diagnostics
+    from hf_deepen.report import UpscaleReport
+
+    for tol, warns in ((2.0 ** -7, False), (1e-4, True), (None, True)):
+        d = {"neurons_marginal_error": 3e-3, **({} if tol is None else {"sinkhorn_tol": tol})}
+        report = UpscaleReport(plan=None, config=None, architecture="test")  # (only its warnings are used)
+        with w.catch_warnings(record=True) as got:
+            w.simplefilter("always")
+            check_diagnostics(d, 7, report)
+        assert bool([g for g in got if issubclass(g.category, AlignmentWarning)]) == warns, tol
+        assert bool(report.warnings) == warns and (not warns or "new layer 7" in report.warnings[0])

@@ -36,6 +36,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sinkhorn-reg", type=float, default=S,
                    help=f"entropic regularisation relative to the mean cost (default: {d.sinkhorn_reg})")
     g.add_argument("--sinkhorn-max-iter", type=int, default=S, help=f"default: {d.sinkhorn_max_iter}")
+    g.add_argument("--sinkhorn-tol", type=float, default=S,
+                   help="stop Sinkhorn at this relative marginal error (default: the output dtype's epsilon, at least"
+                        " 1e-4: 1e-4 for float32, 9.8e-4 for float16, 7.8e-3 for bfloat16)")
     g.add_argument("--layout", choices=[l for l in LAYOUTS if l not in ("positions", "solar")], default=S,
                    help="auto (default, the leader of our quality study: spread along how much each layer changes the"
                         " hidden state on --calibration text, default pydoc topics; uniform when the checkpoint has no"

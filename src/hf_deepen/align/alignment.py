@@ -158,11 +158,13 @@ def align_layers(
     max_iter: int = 3000,
     device: str | torch.device | None = None,
     costs: Mapping[str, Tensor] | None = None,
+    tol: float = 1e-4,
 ) -> LayerAlignment:
     """Align canonical layer ``a`` (lower) to ``b`` (upper): heads by groups, then neurons.
 
     ``costs`` may supply any of the cost matrices instead of the weight-based ones: ``"query"``
-    ``[kv, G, kv, G]``, ``"kv"`` ``[kv, kv]``, ``"neurons"`` ``[I, I]`` (see ``activations.py``).
+    ``[kv, G, kv, G]``, ``"kv"`` ``[kv, kv]``, ``"neurons"`` ``[I, I]`` (see ``activations.py``). ``tol``: Sinkhorn's stopping rule (relative marginal error, see
+    :func:`~hf_deepen.align.solvers.solve_sinkhorn`).
 
     The layers stay in their own dtype; costs are built by :func:`pairwise_sq_dists` on ``device``
     (default: where the weights are), where Sinkhorn then runs too; the exact solver runs on the
@@ -187,13 +189,13 @@ def align_layers(
         group_cost = pairwise_sq_dists(_kv_head_parts(a, shape), _kv_head_parts(b, shape), device)
     pairs = [(i, j) for i in range(hkv) for j in range(hkv)]
     if solver == "sinkhorn":
-        plans = solve_sinkhorn_batch(q_cost.permute(0, 2, 1, 3).reshape(hkv * hkv, g, g), reg, max_iter)
+        plans = solve_sinkhorn_batch(q_cost.permute(0, 2, 1, 3).reshape(hkv * hkv, g, g), reg, max_iter, tol)
     else:
-        plans = [solve(q_cost[i, :, j, :], solver, reg, max_iter) for i, j in pairs]
+        plans = [solve(q_cost[i, :, j, :], solver, reg, max_iter, tol=tol) for i, j in pairs]
     query: dict[tuple[int, int], Plan] = dict(zip(pairs, plans))
     for (i, j), p in query.items():
         group_cost[i, j] += p.cost * g
-    heads = solve(group_cost, solver, reg, max_iter)
+    heads = solve(group_cost, solver, reg, max_iter, tol=tol)
     W = heads.barycentric
     query = {k: v for k, v in query.items() if W[k] > 1e-12}
     t1 = time.perf_counter()
@@ -216,7 +218,7 @@ def align_layers(
             cost = oracle.matrix(compact=solver == "exact" or big)
         t2 = time.perf_counter()
         # a cost built here is scratch: a large Sinkhorn problem runs in its memory
-        neurons = solve(cost, solver, reg, max_iter, overwrite="neurons" not in costs, oracle=oracle)
+        neurons = solve(cost, solver, reg, max_iter, overwrite="neurons" not in costs, oracle=oracle, tol=tol)
         del cost
         t3 = time.perf_counter()
     extra = {"seconds_heads": t1 - t0, "seconds_neuron_cost": t2 - t1, "seconds_neuron_solve": t3 - t2}

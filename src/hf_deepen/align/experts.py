@@ -89,7 +89,8 @@ class MoELayerAlignment(LayerAlignment):
 
 
 def align_experts(
-    a: Mapping[str, Tensor], b: Mapping[str, Tensor], solver: str = "exact", reg: float = 0.01, max_iter: int = 3000
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], solver: str = "exact", reg: float = 0.01, max_iter: int = 3000,
+    tol: float = 1e-4,
 ) -> tuple[Plan, dict[tuple[int, int], Plan]]:
     """The expert plan of ``a`` (lower) to ``b`` (upper) and the nested neuron plans of its pairs."""
     fa, fb = expert_neuron_features(a), expert_neuron_features(b)
@@ -102,10 +103,10 @@ def align_experts(
     neurons: dict[tuple[int, int], Plan] = {}
     for i in range(e):
         for j in range(e):  # one pair at a time: [I, I] costs, never [E*I, E*I]
-            p = solve(sq_dists(fa[i], fb[j]), solver, reg, max_iter, overwrite=True)  # the cost is scratch
+            p = solve(sq_dists(fa[i], fb[j]), solver, reg, max_iter, overwrite=True, tol=tol)  # the cost is scratch
             neurons[(i, j)] = p
             cost[i, j] += p.cost * i_size
-    experts = solve(cost, solver, reg, max_iter)
+    experts = solve(cost, solver, reg, max_iter, tol=tol)
     W = experts.barycentric
     return experts, {k: v for k, v in neurons.items() if W[k] > 1e-12}
 
@@ -119,11 +120,12 @@ def align_layer_pair(
     max_iter: int = 3000,
     costs: Mapping[str, Tensor] | None = None,
     device: str | torch.device | None = None,
+    tol: float = 1e-4,
 ) -> LayerAlignment:
     """Align canonical layer ``a`` to ``b``: :func:`align_layers`, plus the experts of MoE layers.
 
     ``costs``: precomputed cost matrices for :func:`align_layers` (activation-based alignment; not
-    available for experts)."""
+    available for experts). ``tol``: Sinkhorn's stopping rule (see :func:`align_layers`)."""
     if has_experts(a) != has_experts(b):
         raise UnsupportedArchitectureError(
             "cannot align a dense layer with a sparse MoE layer: their MLP tensors differ; fuse only layers of the"
@@ -133,10 +135,10 @@ def align_layer_pair(
         raise UnsupportedArchitectureError(
             "activation-based alignment does not cover MoE experts yet: use align_on='weights' for this model"
         )
-    al = align_layers(a, b, shape, solver, reg, max_iter, device=device, costs=costs)
+    al = align_layers(a, b, shape, solver, reg, max_iter, device=device, costs=costs, tol=tol)
     if not has_experts(a):
         return al
-    experts, neurons = align_experts(a, b, solver, reg, max_iter)
+    experts, neurons = align_experts(a, b, solver, reg, max_iter, tol)
     return MoELayerAlignment(
         shape=al.shape, heads=al.heads, query=al.query, neurons=al.neurons, extra=al.extra,
         experts=experts, expert_neurons=neurons,

@@ -1030,10 +1030,11 @@ def solve_sinkhorn_batch(Ms: Tensor, reg: float = 0.01, max_iter: int = 3000, to
 
 
 def solve(M: Tensor, solver: str = "exact", reg: float = 0.01, max_iter: int = 3000, overwrite: bool = False,
-          oracle: "SqDistCost | None" = None) -> Plan:
+          oracle: "SqDistCost | None" = None, tol: float = 1e-4) -> Plan:
     """Dispatch on ``solver`` (``"exact"`` or ``"sinkhorn"``); ``overwrite``: ``M`` may be used as
     scratch memory (see :func:`solve_sinkhorn`); ``oracle``: the :class:`SqDistCost` that made ``M``
-    (exact: the true cost it approximates, see :func:`solve_exact`; Sinkhorn: ``M``'s compact form)."""
+    (exact: the true cost it approximates, see :func:`solve_exact`; Sinkhorn: ``M``'s compact form);
+    ``tol``: Sinkhorn's stopping rule (:func:`solve_sinkhorn`)."""
     if solver == "exact":
         return solve_exact(M, oracle)
     if solver == "sinkhorn":
@@ -1042,7 +1043,7 @@ def solve(M: Tensor, solver: str = "exact", reg: float = 0.01, max_iter: int = 3
         if oracle is not None:
             def rebuild(out: Tensor) -> None:  # the same matrix again, into the solver's buffer
                 oracle.matrix(out.dtype if compact is None else None, compact=compact is not None, out=out)
-        return solve_sinkhorn(M, reg=reg, max_iter=max_iter, overwrite=overwrite, compact=compact, rebuild=rebuild)
+        return solve_sinkhorn(M, reg=reg, max_iter=max_iter, tol=tol, overwrite=overwrite, compact=compact, rebuild=rebuild)
     raise ValueError(f"unknown solver {solver!r}")
 
 

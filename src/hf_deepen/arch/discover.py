@@ -378,7 +378,8 @@ class DiscoveredSpec(ArchSpec):
         moved = set()
         for g in groups:
             fa, fb = features(a64, g), features(b64, g)
-            plan = solve(torch.cdist(fa, fb).pow(2), cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter)
+            plan = solve(torch.cdist(fa, fb).pow(2), cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter,
+                         tol=cfg.sinkhorn_tol_for(dtype))
             apply_units(a64, g, lambda u, plan=plan: plan.move(u, 0))
             ident = float((fa - fb).pow(2).sum())
             diag[f"ot_cost_ratio:{g.name}"] = plan.cost / ident if ident > 0 else 1.0

@@ -220,12 +220,15 @@ def fuse_opt(sources: list[Canon], shape: HeadShape, cfg: UpscaleConfig, dtype: 
     ``costs``: cost matrices that replace the weight-based ones (``align_on="activations"``)."""
     a, b = sources
     t0 = time.perf_counter()
+    tol = cfg.sinkhorn_tol_for(dtype)  # (dtype: the new layer's, float64 when its sources mix dtypes)
     al = align_layer_pair(a, b, shape, cfg.solver, cfg.sinkhorn_reg, cfg.sinkhorn_max_iter, costs=costs,
-                          device=resolve_device(cfg.device))
+                          device=resolve_device(cfg.device), tol=tol)
     t1 = time.perf_counter()
     res = _fuse_roles(a, b, cfg, dtype, al, consume=consume)
     diag = al.diagnostics()
     diag.update(res.diagnostics)
+    if cfg.solver == "sinkhorn":
+        diag["sinkhorn_tol"] = tol
     diag["seconds_fuse"] = time.perf_counter() - t1
     diag["seconds_align"] = t1 - t0
     return FusionResult(res.canon, diag)
