@@ -97,6 +97,7 @@ class Variant:
     upscale: dict[str, Any] | None  # None: the base model (a reference)
     note: str
     compute_matched: bool = False  # a reference trained for the deep model's compute (more steps)
+    default: bool = True  # in the default --variants (False: a lever run only where asked for)
 
     @property
     def ref(self) -> bool:
@@ -120,6 +121,10 @@ VARIANTS = [
             "OpT-DeUS, new layers interleaved in the middle half (the fixed-layout comparison for 'auto')"),
     Variant("opt-bottom", dict(method="opt", layout="bottom"),
             "OpT-DeUS, new layers interleaved in the bottom half (the fixed-layout comparison for 'auto')"),
+    Variant("opt-auto-outputs", dict(method="opt", layout="auto", zero_init=True, zero_target="outputs"),
+            "opt-auto with zero_target='outputs' (o_proj/down_proj zeroed); differs from opt-auto only on"
+            " post-norm families (Gemma-3), where zero_target='auto' zeroes the block post-norm gains instead",
+            default=False),
     Variant("base", None, "the base model, all parameters trained on the same tokens"),
     Variant("base-compute", None, "the base model, all parameters trained for the deep model's compute"
             " (deep/base layers = 1.5x the steps and tokens)", compute_matched=True),
@@ -134,7 +139,7 @@ CALIBRATION_TOKENS = 2048
 KEY_PAIRS = [("opt-uniform", "copy-uniform"), ("opt-uniform", "copy-every2"), ("opt-auto", "opt-uniform"),
              ("opt-auto", "copy-uniform"), ("opt-auto", "copy-every2"), ("opt-auto", "copy-auto"),
              ("opt-auto", "opt-top"), ("opt-uniform", "opt-top"), ("opt-auto", "opt-middle"),
-             ("opt-auto", "opt-bottom"),
+             ("opt-auto", "opt-bottom"), ("opt-auto", "opt-auto-outputs"),
              ("opt-uniform", "base"), ("opt-uniform", "base-compute"), ("opt-auto", "base"),
              ("opt-auto", "base-compute")]
 
@@ -792,7 +797,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     ap.add_argument("--models", default="smollm2,gemma3", help=f"comma-separated: {', '.join(MODELS)}")
     ap.add_argument("--protocols", default="new,all", help="comma-separated: new, all (references always run)")
-    ap.add_argument("--variants", default=",".join(v.name for v in VARIANTS),
+    ap.add_argument("--variants", default=",".join(v.name for v in VARIANTS if v.default),
                     help=f"comma-separated, in priority order: {', '.join(BY_NAME)}")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data", choices=("pydoc", "corpus"), default="pydoc",

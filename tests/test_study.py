@@ -83,3 +83,17 @@ def test_time_limit_clock_and_seconds(study):
     assert 0 < study.parse_deadline(soon) - time.time() <= 3600
     assert abs(study.parse_deadline("60") - time.time() - 60) < 5
     assert study.parse_deadline(None) is None
+
+
+def test_variants_are_valid_configs_and_levers_are_opt_in(study):
+    """Every deep variant's options make a valid UpscaleConfig (a bad combination would only fail
+    hours into a study), and a lever variant runs only where asked for."""
+    from hf_deepen import UpscaleConfig
+
+    for v in study.VARIANTS:
+        if v.upscale is not None:  # ("fused-*" positions are resolved from a plan at build time)
+            UpscaleConfig(**{k: x for k, x in v.upscale.items() if k != "positions"})
+    default = {v for _, _, v, _ in study.plan_runs(study.parse(["--models", "gemma3", "--seeds", "0"]))}
+    assert "opt-auto" in default and "base" in default and "opt-auto-outputs" not in default
+    asked = study.plan_runs(study.parse(["--models", "gemma3", "--protocols", "all", "--variants", "opt-auto-outputs", "--seeds", "0"]))
+    assert ("gemma3", "all", "opt-auto-outputs", 0) in asked
