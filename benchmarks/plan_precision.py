@@ -69,6 +69,27 @@ def add_pair_args(ap) -> None:
     ap.add_argument("--pairs", type=int, default=0, help="only the first N pairs (0: all)")
 
 
+def bf16_canons(layers, spec, sources) -> list:
+    """The canonical forms of layers ``sources`` with their weights cast to bf16 (a bf16 checkpoint's
+    layers: what the Sinkhorn studies built on :func:`model_pairs` fuse)."""
+    return [spec.to_canonical({k: v.to(torch.bfloat16) for k, v in layers[j].state_dict().items()})[0] for j in sources]
+
+
+def write_sinkhorn_doc(out: Path, what: str, model: str, cfg, summary: dict, rows: list, **config) -> dict:
+    """Write (and print the summary of) the results document of a bf16 Sinkhorn study on the
+    ``layout="top"`` pairs of :func:`model_pairs` (``sinkhorn_iters.py``, ``sinkhorn_tol.py``);
+    ``config``: the study's own settings, beside the common ones."""
+    doc = {"what": what, "model": f"{model}, weights cast to bf16",
+           "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+           "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+           "config": {"solver": "sinkhorn", "reg": cfg.sinkhorn_reg, "layout": "top", "zero_init": False,
+                      "restore_norm": cfg.restore_norm, **config},
+           "summary": summary, "pairs": rows}
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    return doc
+
+
 def smollm2_pairs(pairs: int = 0, **options):
     """:func:`model_pairs` of SmolLM2-135M-Instruct."""
     return model_pairs("smollm2", pairs, **options)

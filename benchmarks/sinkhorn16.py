@@ -30,7 +30,7 @@ import torch
 
 from hf_deepen.align import alignment, solvers
 from hf_deepen.fuse import make_layer
-from plan_precision import smollm2_pairs  # (benchmarks/ is on the path when a script there runs)
+from plan_precision import bf16_canons, smollm2_pairs  # (benchmarks/ is on the path when a script there runs)
 
 OUT = Path(__file__).parent / "results" / "sinkhorn16.json"
 ROLES = ("gate", "up", "down")
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     layers, spec, shape, cfg, new = smollm2_pairs(args.pairs, solver="sinkhorn", zero_init=False)
     rows = []
     for s in new:
-        canons = [spec.to_canonical({k: v.to(torch.bfloat16) for k, v in layers[j].state_dict().items()})[0]
-                  for j in s.sources]
+        canons = bf16_canons(layers, spec, s.sources)
         out = {}
         for route in ROUTES:
             out[route] = fused(canons, shape, cfg, route)

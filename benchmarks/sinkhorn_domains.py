@@ -27,7 +27,7 @@ import torch
 from hf_deepen.align import solvers
 from hf_deepen.align.alignment import _neuron_parts
 from hf_deepen.align.solvers import SqDistCost, solve
-from plan_precision import add_pair_args, model_pairs  # (benchmarks/ is on the path when a script there runs)
+from plan_precision import add_pair_args, bf16_canons, model_pairs  # (benchmarks/ is on the path when a script there runs)
 
 OUT = Path(__file__).parent / "results" / "sinkhorn_domains.json"
 
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     layers, spec, shape, cfg, new = model_pairs(args.model, args.pairs, solver="sinkhorn")
     rows = []
     for s in new:
-        canons = [spec.to_canonical({k: v.to(torch.bfloat16) for k, v in layers[j].state_dict().items()})[0]
-                  for j in s.sources]
+        canons = bf16_canons(layers, spec, s.sources)
         oracle = SqDistCost(_neuron_parts(canons[0]), _neuron_parts(canons[1]))
         row = {"sources": list(s.sources)}
         for name, compact in (("float32", False), ("16-bit", True)):

@@ -23,13 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import time
 from pathlib import Path
 
-import torch
-
-from plan_precision import add_pair_args, model_pairs  # (benchmarks/ is on the path when a script there runs)
+from plan_precision import add_pair_args, bf16_canons, model_pairs, write_sinkhorn_doc  # (benchmarks/ is on the path when a script there runs)
 from sinkhorn16 import ROUTES, fused, rel
 
 POT, INPLACE16 = list(ROUTES)[0], list(ROUTES)[2]  # POT's float64 route; the 16-bit in-place (8B) route
@@ -50,8 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     exact_cfg = dataclasses.replace(cfg, solver="exact")
     rows = []
     for s in new:
-        canons = [spec.to_canonical({k: v.to(torch.bfloat16) for k, v in layers[j].state_dict().items()})[0]
-                  for j in s.sources]
+        canons = bf16_canons(layers, spec, s.sources)
         pot, pot_sec = fused(canons, shape, cfg, POT)
         exact, _ = fused(canons, shape, exact_cfg, POT)
         runs = {n: fused(canons, shape, dataclasses.replace(cfg, sinkhorn_max_iter=n), INPLACE16) for n in iters}
@@ -79,15 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
                for n in iters}
     summary["min_bf16_rounding_of_pot"] = min(min(r["bf16_rounding_of_pot"].values()) for r in rows)
     summary["min_exact_vs_pot"] = min(min(r["exact_vs_pot"].values()) for r in rows)
-    doc = {"what": __doc__.split("\n")[0], "model": f"{args.model}, weights cast to bf16",
-           "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-           "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-           "config": {"solver": "sinkhorn", "reg": cfg.sinkhorn_reg, "layout": "top", "zero_init": False,
-                      "restore_norm": cfg.restore_norm, "iters": iters},
-           "summary": summary, "pairs": rows}
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
-    return doc
+    return write_sinkhorn_doc(out, __doc__.split("\n")[0], args.model, cfg, summary, rows, iters=iters)
 
 
 if __name__ == "__main__":

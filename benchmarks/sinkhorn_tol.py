@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import time
 from pathlib import Path
 
 import torch
 
 from hf_deepen import UpscaleConfig
-from plan_precision import add_pair_args, model_pairs  # (benchmarks/ is on the path when a script there runs)
+from plan_precision import add_pair_args, bf16_canons, model_pairs, write_sinkhorn_doc  # (benchmarks/ is on the path when a script there runs)
 from sinkhorn16 import ROUTES, fused, rel
 
 DEFAULT, INPLACE16 = list(ROUTES)[0], list(ROUTES)[2]  # what these sizes get; the 16-bit in-place (8B) route
@@ -51,8 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     tols = {"old": OLD_TOL, "bf16": new_tol}
     rows = []
     for s in new:
-        canons = [spec.to_canonical({k: v.to(torch.bfloat16) for k, v in layers[j].state_dict().items()})[0]
-                  for j in s.sources]
+        canons = bf16_canons(layers, spec, s.sources)
         row = {"sources": list(s.sources), "routes": {}}
         for route in (DEFAULT, INPLACE16):
             runs = {name: fused(canons, shape, dataclasses.replace(cfg, sinkhorn_tol=t), route) for name, t in tols.items()}
@@ -77,15 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
             "max_bf16_marginal_error": max(x["bf16_marginal_error"] or 0.0 for x in rr),
             "max_old_marginal_error": max(x["old_marginal_error"] or 0.0 for x in rr),
         }
-    doc = {"what": __doc__.split("\n")[0], "model": f"{args.model}, weights cast to bf16",
-           "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-           "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-           "config": {"solver": "sinkhorn", "reg": cfg.sinkhorn_reg, "max_iter": cfg.sinkhorn_max_iter, "layout": "top",
-                      "zero_init": False, "restore_norm": cfg.restore_norm, "tols": tols},
-           "summary": summary, "pairs": rows}
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
-    return doc
+    return write_sinkhorn_doc(out, __doc__.split("\n")[0], args.model, cfg, summary, rows,
+                              max_iter=cfg.sinkhorn_max_iter, tols=tols)
 
 
 if __name__ == "__main__":
