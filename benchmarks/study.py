@@ -98,6 +98,9 @@ class Variant:
     note: str
     compute_matched: bool = False  # a reference trained for the deep model's compute (more steps)
     default: bool = True  # in the default --variants (False: a lever run only where asked for)
+    #: the learning rate of the new layers' zeroed post-norm gains, as a multiple of the budget's (1: as
+    #: every other parameter). AdamW moves a parameter by about its lr per step whatever its gradient
+    zeroed_lr_ratio: float = 1.0
 
     @property
     def ref(self) -> bool:
@@ -125,6 +128,15 @@ VARIANTS = [
             "opt-auto with zero_target='outputs' (o_proj/down_proj zeroed); differs from opt-auto only on"
             " post-norm families (Gemma-3), where zero_target='auto' zeroes the block post-norm gains instead",
             default=False),
+    Variant("opt-auto-nozero", dict(method="opt", layout="auto", zero_init=False),
+            "opt-auto without zero-init: the fused layers go in whole (not function preserving), as Avg-DeUS's"
+            " published script and SOLAR do; on post-norm families the only init that is neither shut nor blown up",
+            default=False),
+    Variant("opt-auto-gainlr", dict(method="opt", layout="auto"),
+            "opt-auto with the new layers' zeroed post-norm gains (Gemma-3) trained at 1000x the learning rate, so"
+            " they can travel the scale of their neighbours' gains (median 0.3-340 on Gemma-3-270M) within the"
+            " budget: AdamW moves a zeroed gain by ~lr per step. Same as opt-auto where nothing is a post-norm",
+            default=False, zeroed_lr_ratio=1000.0),
     Variant("base", None, "the base model, all parameters trained on the same tokens"),
     Variant("base-compute", None, "the base model, all parameters trained for the deep model's compute"
             " (deep/base layers = 1.5x the steps and tokens)", compute_matched=True),
@@ -140,6 +152,8 @@ KEY_PAIRS = [("opt-uniform", "copy-uniform"), ("opt-uniform", "copy-every2"), ("
              ("opt-auto", "copy-uniform"), ("opt-auto", "copy-every2"), ("opt-auto", "copy-auto"),
              ("opt-auto", "opt-top"), ("opt-uniform", "opt-top"), ("opt-auto", "opt-middle"),
              ("opt-auto", "opt-bottom"), ("opt-auto", "opt-auto-outputs"),
+             ("opt-auto-nozero", "opt-auto"), ("opt-auto-gainlr", "opt-auto"), ("opt-auto-nozero", "base"),
+             ("opt-auto-gainlr", "base"),
              ("opt-uniform", "base"), ("opt-uniform", "base-compute"), ("opt-auto", "base"),
              ("opt-auto", "base-compute")]
 
@@ -397,6 +411,18 @@ class Models:
         return model, info
 
 
+def zeroed_gain_names(model: Any, new_layers: list[int]) -> set[str]:
+    """The new layers' post-norm gains that zero-init set to "output zero" (empty for pre-norm families)."""
+    from hf_deepen.arch import get_spec
+
+    spec = get_spec(model)
+    if not spec.post_norms:
+        return set()
+    prefixes = tuple(f"{spec.layers_path}.{i}." for i in new_layers)
+    names = {n for n, _ in model.named_parameters()}
+    return {f"{p}{k}" for p in prefixes for k in spec.post_norms if f"{p}{k}" in names}
+
+
 def atomic_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -419,7 +445,14 @@ def train_run(models: Models, model_name: str, protocol: str, v: Variant, seed: 
     order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(need // len(train) + 1)])[:need]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.95), weight_decay=budget.weight_decay)
+    fast = zeroed_gain_names(model, info.get("new_layers", [])) if v.zeroed_lr_ratio != 1.0 else set()
+    if v.zeroed_lr_ratio != 1.0 and not fast:
+        raise SystemExit(f"{v.name}: {model_name} has no zeroed post-norm gains to train at {v.zeroed_lr_ratio}x")
+    groups = [{"params": [p for n, p in named if n not in fast]}]
+    if fast:
+        groups.append({"params": [p for n, p in named if n in fast], "lr": budget.lr * v.zeroed_lr_ratio})
+        info["zeroed_lr"] = {"ratio": v.zeroed_lr_ratio, "params": sorted(fast)}
+    opt = torch.optim.AdamW(groups, lr=budget.lr, betas=(0.9, 0.95), weight_decay=budget.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, steps, budget))
     state = {"step": 0, "curve": [{"step": 0, "tokens": 0, **info["initial"]}], "train_loss": [], "step_s": [],
              "elapsed": 0.0, "resumed_at": []}

@@ -94,6 +94,36 @@ def test_variants_are_valid_configs_and_levers_are_opt_in(study):
         if v.upscale is not None:  # ("fused-*" positions are resolved from a plan at build time)
             UpscaleConfig(**{k: x for k, x in v.upscale.items() if k != "positions"})
     default = {v for _, _, v, _ in study.plan_runs(study.parse(["--models", "gemma3", "--seeds", "0"]))}
-    assert "opt-auto" in default and "base" in default and "opt-auto-outputs" not in default
+    assert "opt-auto" in default and "base" in default
+    assert not default & {"opt-auto-outputs", "opt-auto-nozero", "opt-auto-gainlr"}
     asked = study.plan_runs(study.parse(["--models", "gemma3", "--protocols", "all", "--variants", "opt-auto-outputs", "--seeds", "0"]))
     assert ("gemma3", "all", "opt-auto-outputs", 0) in asked
+
+
+def test_zeroed_gain_lever_finds_exactly_the_zeroed_post_norm_gains(study):
+    """opt-auto-gainlr trains these at a higher lr: on a post-norm family they are the new layers' two
+    post-norm gains, each at the value that makes the block output zero (Gemma: w = -1), and no base
+    layer's; a pre-norm family has none (the run then refuses instead of silently equalling opt-auto)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    from hf_deepen import DepthUpscaler
+    from hf_deepen.provenance import new_layer_indices
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    deep = DepthUpscaler(Gemma3ForCausalLM(cfg)).upscale(layout="top", progress=False)
+    new = new_layer_indices(deep)
+    names = study.zeroed_gain_names(deep, new)
+    params = dict(deep.named_parameters())
+    assert len(names) == 2 * len(new) == 4
+    assert all(int(n.split(".")[2]) in new for n in names)
+    assert all(torch.equal(params[n], torch.full_like(params[n], -1.0)) for n in names)
+    base_gains = [n for n in params if "post_feedforward_layernorm" in n and int(n.split(".")[2]) not in new]
+    assert base_gains and not any(torch.equal(params[n], torch.full_like(params[n], -1.0)) for n in base_gains)
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    deep = DepthUpscaler(llama).upscale(layout="top", progress=False)
+    assert study.zeroed_gain_names(deep, new_layer_indices(deep)) == set()
