@@ -267,10 +267,14 @@ def cache_consistent(model, ids) -> bool:
 
     with torch.no_grad():
         out = model(input_ids=ids[:, :-1], use_cache=True)
-        past = out.past_key_values
+        past = getattr(out, "cache", None)  # transformers >= 5.25 (past_key_values goes in 5.40)
+        past = out.past_key_values if past is None else past
         if past is None:
             return True
-        step = model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1].float()
+        import inspect
+
+        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        step = model(input_ids=ids[:, -1:], use_cache=True, **{kw: past}).logits[:, -1].float()
         full = model(input_ids=ids, use_cache=False).logits[:, -1].float()
     return bool(torch.allclose(step, full, atol=1e-4, rtol=1e-3))
 

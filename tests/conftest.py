@@ -40,6 +40,20 @@ def ids():
     return torch.randint(0, VOCAB, (2, 10), generator=g)
 
 
+def cache_kwarg(model) -> str:
+    """The forward keyword for a KV cache: ``cache`` from transformers 5.25 (``past_key_values`` is
+    deprecated there and removed in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def kv_cache(out):
+    """The KV cache a forward pass returned, under either name."""
+    c = getattr(out, "cache", None)
+    return out.past_key_values if c is None else c
+
+
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits

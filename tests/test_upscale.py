@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_deepen import DepthUpscaler, UpscaleConfig, new_layer_indices, provenance
 
-from conftest import logits, tiny_model
+from conftest import cache_kwarg, kv_cache, logits, tiny_model
 
 FP_CASES = [
     dict(method="opt", solver="exact"),
@@ -28,10 +28,11 @@ def cached_vs_full(model, ids, split=6):
     with torch.no_grad():
         full = model(ids).logits[:, split:]
         out = model(ids[:, :split], use_cache=True)
-        past, steps = out.past_key_values, []
+        past, steps = kv_cache(out), []
+        assert past is not None  # else the "cached" pass recomputes everything and the test cannot fail
         for t in range(split, ids.shape[1]):
-            o = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-            past = o.past_key_values
+            o = model(ids[:, t : t + 1], use_cache=True, **{cache_kwarg(model): past})
+            past = kv_cache(o)
             steps.append(o.logits)
     return full, torch.cat(steps, dim=1)
 
