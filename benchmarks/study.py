@@ -631,15 +631,25 @@ def plot(runs: list[dict[str, Any]], budget: str, model: str, protocol: str, out
     doms = next(iter(g.values()))[0]["domains"]
     fig, axes = plt.subplots(1, len(doms), figsize=(6 * len(doms), 4.2))
     for ax, d in zip(axes, doms):
+        core: list[float] = []  # the y range of the default variants and references
+        lever: list[float] = []
         for n, rs in g.items():
             xs = [row["tokens"] for row in rs[0]["curve"]]
             ys = torch.tensor([[row[d] for row in r["curve"]] for r in rs if len(r["curve"]) == len(xs)])
             m = ys.mean(0)
-            (line,) = ax.plot(xs, m.tolist(), marker="o", ms=3, label=n, ls="--" if BY_NAME[n].ref else "-")
+            ls = "--" if BY_NAME[n].ref else "-" if BY_NAME[n].default else ":"
+            (line,) = ax.plot(xs, m.tolist(), marker="o", ms=3, label=n, ls=ls)
+            (core if BY_NAME[n].default else lever).extend(m.tolist())
             if len(ys) > 1:
                 sd = ys.std(0)
                 ax.fill_between(xs, (m - sd).tolist(), (m + sd).tolist(), color=line.get_color(), alpha=0.15)
-        ax.set_title(f"{model}, {protocol}: held-out {d} (mean ± std over seeds)", fontsize=9)
+        title = f"{model}, {protocol}: held-out {d} (mean ± std over seeds)"
+        lo, hi = min(core, default=0.0), max(core, default=0.0)
+        pad = 0.1 * (hi - lo) or 0.05
+        if core and any(not lo - pad <= y <= hi + pad for y in lever):
+            ax.set_ylim(lo - pad, hi + pad)  # a lever far off (a blown-up init) would flatten the rest
+            title += "\ndotted levers leave the scale: see the table"
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("training tokens")
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.grid(alpha=0.3)
