@@ -414,13 +414,10 @@ class Models:
 def zeroed_gain_names(model: Any, new_layers: list[int]) -> set[str]:
     """The new layers' post-norm gains that zero-init set to "output zero" (empty for pre-norm families)."""
     from hf_deepen.arch import get_spec
+    from hf_deepen.training import new_layer_parameter_names
 
-    spec = get_spec(model)
-    if not spec.post_norms:
-        return set()
-    prefixes = tuple(f"{spec.layers_path}.{i}." for i in new_layers)
-    names = {n for n, _ in model.named_parameters()}
-    return {f"{p}{k}" for p in prefixes for k in spec.post_norms if f"{p}{k}" in names}
+    gains = tuple(f".{k}" for k in get_spec(model).post_norms)
+    return {n for n in new_layer_parameter_names(model, layers=new_layers) if n.endswith(gains)} if gains else set()
 
 
 def atomic_json(path: Path, obj: Any) -> None:
@@ -445,9 +442,11 @@ def train_run(models: Models, model_name: str, protocol: str, v: Variant, seed: 
     order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(need // len(train) + 1)])[:need]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    fast = zeroed_gain_names(model, info.get("new_layers", [])) if v.zeroed_lr_ratio != 1.0 else set()
-    if v.zeroed_lr_ratio != 1.0 and not fast:
-        raise SystemExit(f"{v.name}: {model_name} has no zeroed post-norm gains to train at {v.zeroed_lr_ratio}x")
+    fast: set[str] = set()
+    if v.zeroed_lr_ratio != 1.0:
+        fast = zeroed_gain_names(model, info.get("new_layers", []))
+        if not fast:
+            raise SystemExit(f"{v.name}: {model_name} has no zeroed post-norm gains to train at {v.zeroed_lr_ratio}x")
     groups = [{"params": [p for n, p in named if n not in fast]}]
     if fast:
         groups.append({"params": [p for n, p in named if n in fast], "lr": budget.lr * v.zeroed_lr_ratio})
