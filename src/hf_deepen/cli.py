@@ -21,6 +21,23 @@ def _positions(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--positions takes comma-separated integers, got {text!r}") from None
 
 
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--threads takes a positive integer or 'auto', got {text!r}")
+    return n
+
+
+THREADS_HELP = ("torch threads for the upscale: auto (default: the CPUs other processes leave idle, sampled for 0.2 s;"
+                " torch's own setting if OMP_NUM_THREADS is set) or a number. Beside a busy process, torch's default of"
+                " one thread per core made the demo's align + fuse 3.5-31x slower; see benchmarks/threads_load.py")
+
+
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     d = UpscaleConfig()
     S = argparse.SUPPRESS  # only flags given on the command line override --config
@@ -64,7 +81,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 RUN_DEFAULTS: dict = {
     "model": None, "out": None, "overwrite": False, "gguf_file": None, "dtype": None, "revision": None,
     "trust_remote_code": False, "streaming": None, "max_shard_size": "2GB", "report": None, "progress": True,
-    "calibration": None, "model_class": None,
+    "calibration": None, "model_class": None, "threads": "auto",
 }
 CONFIG_KEYS = [f for f in UpscaleConfig.__dataclass_fields__ if f != "version"]
 
@@ -146,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain text file for --align-on activations or --layout auto; 'pydoc' uses CPython's"
                         " pydoc_data topics")
     u.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    u.add_argument("--threads", type=_threads, default=None, help=THREADS_HELP)
     _add_config_options(u)
 
     ev = sub.add_parser("eval", parents=[debug], help="held-out perplexity of a saved model on a text file",
@@ -165,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--solver", choices=SOLVERS, default="exact")
     dm.add_argument("--prompt", default="What is the capital of France?")
     dm.add_argument("--max-new-tokens", type=int, default=24)
+    dm.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     return p
 
 
@@ -209,7 +228,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(out=args.out, solver=args.solver, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+        run_demo(out=args.out, solver=args.solver, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                 threads=args.threads)
         return 0
     if args.command == "eval":
         return _eval(args)
@@ -222,7 +242,10 @@ def _upscale(args: argparse.Namespace) -> int:
     from .io import check_output_dir, check_output_writable
     from .upscaler import DepthUpscaler
 
+    from .threads import check_threads
+
     run = resolve_run(args)
+    run["threads"] = check_threads(run["threads"])
     cfg = UpscaleConfig.from_dict({k: run[k] for k in CONFIG_KEYS if k in run})  # validate before loading
     check_output_dir(run["out"], run["overwrite"])
     check_output_writable(run["out"])  # read-only, or another run writing it: before loading anything
@@ -246,7 +269,7 @@ def _upscale(args: argparse.Namespace) -> int:
 
         report = upscale_checkpoint(src, run["out"], cfg, overwrite=run["overwrite"], dtype=_dtype(run["dtype"]),
                                     max_shard_size=run["max_shard_size"], progress=run["progress"], extra_files=extra,
-                                    calibration=calibration)
+                                    calibration=calibration, threads=run["threads"])
     else:
         kwargs = {k: v for k, v in (("gguf_file", run["gguf_file"]), ("revision", run["revision"]),
                                     ("dtype", _dtype(run["dtype"]))) if v is not None}
@@ -259,7 +282,7 @@ def _upscale(args: argparse.Namespace) -> int:
             check_plan(hf_config, cfg)
         up = DepthUpscaler.from_pretrained(run["model"], trust_remote_code=bool(run["trust_remote_code"]),
                                            model_class=model_class, **kwargs)
-        up.upscale(cfg, progress=run["progress"], calibration=calibration)
+        up.upscale(cfg, progress=run["progress"], calibration=calibration, threads=run["threads"])
         up.save_pretrained(run["out"], overwrite=run["overwrite"], extra_files=extra)
         report = up.report
     assert report is not None

@@ -26,7 +26,8 @@ def _generate(model: Any, tok: Any, inputs: dict, max_new_tokens: int) -> tuple[
 
 
 def run_demo(out: str = "outputs/smollm2-135m-instruct-45l", solver: str = "exact",
-             prompt: str = "What is the capital of France?", max_new_tokens: int = 24) -> dict[str, Any]:
+             prompt: str = "What is the capital of France?", max_new_tokens: int = 24,
+             threads: int | str | None = "auto") -> dict[str, Any]:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,7 +55,7 @@ def run_demo(out: str = "outputs/smollm2-135m-instruct-45l", solver: str = "exac
 
     print(f"[2/5] upscaling 30 -> 45 layers with OpT-DeUS (solver={solver}, layout=auto: placed by a calibration pass"
           " on pydoc text, zero-init)")
-    up.upscale(method="opt", solver=solver, progress=True)
+    up.upscale(method="opt", solver=solver, progress=True, threads=threads)
     report = up.report
     assert report is not None
 

@@ -21,6 +21,8 @@ class UpscaleReport:
     warnings: list[str] = field(default_factory=list)
     #: the config asks for it and the architecture allows it (post-LN OPT never is); None: unknown
     function_preserving: bool | None = None
+    #: torch threads the job ran on, and why (``threads=`` of upscale; "auto": the idle CPUs)
+    threads: str | None = None
 
     def mean(self, key: str) -> float | None:
         vals = [l["diagnostics"][key] for l in self.layers if key in l.get("diagnostics", {})]
@@ -37,6 +39,7 @@ class UpscaleReport:
             "layers": self.layers,
             "warnings": self.warnings,
             "function_preserving": self.function_preserving,
+            "threads": self.threads,
         }
 
     def summary(self) -> str:
@@ -48,6 +51,7 @@ class UpscaleReport:
             f"new layers     {self.plan.new_layer_indices}",
             f"parameters     {self.params_before:,} -> {self.params_after:,}",
             f"function-preserving  {c.function_preserving if self.function_preserving is None else self.function_preserving}",
+            *([f"threads        {self.threads}"] if self.threads else []),
             "time (s)       " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()),
         ]
         if any(l.get("diagnostics") for l in self.layers):

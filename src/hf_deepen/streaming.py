@@ -27,6 +27,7 @@ from .pipeline import execute, make_plan, options, resolve
 from .pipeline.sink import ShardWriterSink, output_bytes
 from .pipeline.source import DTYPE_NAMES, SafetensorsSource
 from .report import UpscaleReport
+from .threads import torch_threads
 
 
 def upscale_checkpoint(
@@ -41,6 +42,7 @@ def upscale_checkpoint(
     dtype: torch.dtype | str | None = None,
     calibration: Any = None,
     tokenizer: Any = None,
+    threads: int | str | None = None,
     **kwargs: Any,
 ) -> UpscaleReport:
     """Upscale the checkpoint in directory ``src`` into directory ``out``, streaming tensors.
@@ -53,7 +55,18 @@ def upscale_checkpoint(
     ``dtype`` (``torch.float32``, ``"bfloat16"``, ...): the floating-point tensors are cast to it as
     they are read (as ``from_pretrained(dtype=...)`` would load them), so new layers are fused from
     the cast weights; default (None or ``"auto"``): the checkpoint's own dtypes, copied byte for byte.
+
+    ``threads``: torch threads for the job (restored after): None (default) keeps torch's setting,
+    an int sets it, ``"auto"`` uses the CPUs other processes leave idle (:mod:`hf_deepen.threads`).
     """
+    with torch_threads(threads) as used:
+        return _upscale_checkpoint(src, out, config, overwrite, max_shard_size, progress, extra_files, dtype,
+                                   calibration, tokenizer, used, kwargs)
+
+
+def _upscale_checkpoint(src: Any, out: Any, config: Any, overwrite: bool, max_shard_size: int | str,
+                        progress: bool | None, extra_files: dict[str, str] | None, dtype: Any, calibration: Any,
+                        tokenizer: Any, threads: tuple[int, str], kwargs: dict[str, Any]) -> UpscaleReport:
     from transformers import AutoConfig
 
     from .validate import check_checkpoint, check_source
@@ -93,6 +106,7 @@ def upscale_checkpoint(
         source.close()
         raise
     report = run.new_report()
+    report.threads = f"{threads[0]} ({threads[1]})"
 
     def write(tmp: Path) -> None:
         with ShardWriterSink(run, source, tmp, max_shard_size, src) as sink:

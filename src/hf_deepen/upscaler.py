@@ -21,6 +21,7 @@ from .pipeline.source import ModelStateSource
 from .plan import DepthPlan
 from .report import UpscaleReport
 from .surgery import PROVENANCE_KEY
+from .threads import torch_threads
 
 #: from_pretrained kwargs that also apply to the tokenizer
 _TOKENIZER_KWARGS = ("gguf_file", "revision", "cache_dir", "token", "local_files_only", "subfolder", "trust_remote_code")
@@ -118,6 +119,7 @@ class DepthUpscaler:
         progress: bool | None = None,
         calibration: Any = None,
         tokenizer: Any = None,
+        threads: int | str | None = None,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Insert new layers and return the (same) model, deeper.
@@ -128,8 +130,18 @@ class DepthUpscaler:
 
         ``calibration`` (for ``align_on="activations"``): text (a string or a list of strings,
         tokenised with ``tokenizer`` or the loaded model's tokenizer) or a 2-D tensor of token ids.
+
+        ``threads``: torch threads for the job (restored after): None (default) keeps torch's setting,
+        an int sets it, ``"auto"`` uses the CPUs other processes leave idle (see :mod:`hf_deepen.threads`;
+        the CLI's default).
         """
         cfg = options(config, kwargs)
+        with torch_threads(threads) as used:
+            self._upscale(cfg, calibration, tokenizer, progress, used)
+        return self.model
+
+    def _upscale(self, cfg: UpscaleConfig, calibration: Any, tokenizer: Any, progress: bool | None,
+                 threads: tuple[int, str]) -> None:
         layers = self._layers()
         if calibration is not None and cfg.align_on != "activations" and cfg.layout != "auto":
             raise ConfigError(
@@ -147,9 +159,9 @@ class DepthUpscaler:
                 return self._calibrate(cfg, layers, used, calibration, tokenizer)
         run = resolve(cfg, self.spec, self.model.config, plan, self.base_model, capture=capture, seconds=seconds)
         report = run.new_report()
+        report.threads = f"{threads[0]} ({threads[1]})"
         execute(run, ModelStateSource(self.model, layers), SurgerySink(self.model, run), report, progress=progress)
         self.report = report
-        return self.model
 
     def _auto_scores(self, cfg: UpscaleConfig, calibration: Any, tokenizer: Any) -> tuple[Any, Any]:
         """``layout="auto"``: slot scores and the reason from a block-influence pass; else ``(None, None)``."""

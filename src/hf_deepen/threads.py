@@ -1,0 +1,111 @@
+"""How many torch threads an upscale runs on: by default all cores; with ``threads="auto"`` only the idle ones.
+
+PyTorch's CPU kernels split each operation over ``torch.get_num_threads()`` OpenMP threads (one per
+core by default), and every split waits for its slowest thread. When another process keeps a core
+busy, the thread that shares it gets a time slice now and then, and each of the alignment's many
+mid-sized operations waits for it. ``benchmarks/threads_load.py`` measured the SmolLM2 demo's
+align + fuse on this 2-core machine: 4.3 s on 2 threads idle, 15-17 s on 2 threads beside one busy
+process (31x beside a training run), 5.8-5.9 s on 1 thread beside the same process.
+``threads="auto"`` therefore samples how busy the allowed CPUs are for a fifth of a second and runs
+on the idle ones (never more than torch's own setting, never fewer than one).
+
+Written by hand: torch, OpenMP and ``os`` give the core count, not how many cores other processes
+use; psutil would (``cpu_percent(percpu=True)``) but is not otherwise a dependency, and Linux's
+``/proc/stat`` is all it reads there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ConfigError
+
+#: seconds ``threads="auto"`` samples /proc/stat for
+SAMPLE_SECONDS = 0.2
+
+
+def _cpu_times(stat: Path) -> dict[int, tuple[int, int]]:
+    """Per CPU: (idle jiffies incl. iowait, total jiffies) from a ``/proc/stat``-format file."""
+    out = {}
+    for line in stat.read_text().splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        v = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+        out[int(name[3:])] = (v[3] + v[4], sum(v))
+    return out
+
+
+def idle_cores(interval: float = SAMPLE_SECONDS, stat: str | os.PathLike = "/proc/stat") -> float | None:
+    """How many of the CPUs this process may run on were idle over the next ``interval`` seconds
+    (a sum of idle fractions: 1.0 = one core's worth), or None where ``/proc/stat`` is unavailable
+    (not Linux). The caller should be idle meanwhile: its own busy threads count as busy."""
+    path = Path(stat)
+    try:
+        allowed = os.sched_getaffinity(0)
+        before = _cpu_times(path)
+        time.sleep(interval)
+        after = _cpu_times(path)
+    except (OSError, AttributeError, ValueError):
+        return None
+    idle = 0.0
+    for cpu in allowed:
+        if cpu in before and cpu in after:
+            d_idle = after[cpu][0] - before[cpu][0]
+            d_total = after[cpu][1] - before[cpu][1]
+            idle += d_idle / d_total if d_total > 0 else 1.0
+    return idle
+
+
+def check_threads(threads: int | str | None) -> int | str | None:
+    """``threads`` checked and normalised (``"4"`` -> 4) without sampling anything: a ConfigError names the fix."""
+    if isinstance(threads, str) and threads.strip().isdigit():
+        threads = int(threads)
+    if threads is None or threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+        return threads
+    raise ConfigError(f"threads={threads!r}: use a positive integer, 'auto' (the CPUs other processes leave idle)"
+                      " or None (torch's setting)")
+
+
+def resolve_threads(threads: int | str | None) -> tuple[int | None, str]:
+    """``threads`` of an upscale as (the torch thread count to use, or None to leave torch alone; why).
+
+    None: torch's current setting. An int >= 1: that many. ``"auto"``: the idle CPUs (rounded, at
+    least 1, at most torch's current setting), unless ``OMP_NUM_THREADS`` is set (the user chose).
+    """
+    import torch
+
+    threads = check_threads(threads)
+    current = torch.get_num_threads()
+    if threads is None:
+        return None, "torch's setting"
+    if isinstance(threads, int):
+        return threads, "given"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None, f"auto: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} is set, torch's setting kept"
+    idle = idle_cores()
+    if idle is None:
+        return None, "auto: CPU load unknown on this system, torch's setting kept"
+    n = max(1, min(current, int(idle + 0.5)))
+    return n, f"auto: {idle:.1f} of {len(os.sched_getaffinity(0))} CPUs idle"
+
+
+@contextmanager
+def torch_threads(threads: int | str | None) -> Iterator[tuple[int, str]]:
+    """Run the block on ``threads`` torch threads (see :func:`resolve_threads`), then restore torch's
+    setting. Yields (the threads used, why)."""
+    import torch
+
+    n, why = resolve_threads(threads)
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield (n if n is not None else before), why
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
