@@ -616,6 +616,15 @@ def group_tables(runs: list[dict[str, Any]], budget: str, model: str, protocol: 
     return L
 
 
+def colour(name: str) -> tuple:
+    """One colour per variant, the same in every plot: tab20's ten dark hues in VARIANTS order, then its
+    ten light ones (a plot with more than ten lines no longer repeats a colour)."""
+    import matplotlib
+
+    i = [v.name for v in VARIANTS].index(name) % 20
+    return matplotlib.colormaps["tab20"](2 * i if i < 10 else 2 * (i - 10) + 1)
+
+
 def plot(runs: list[dict[str, Any]], budget: str, model: str, protocol: str, out: Path) -> str | None:
     try:
         import matplotlib
@@ -637,7 +646,7 @@ def plot(runs: list[dict[str, Any]], budget: str, model: str, protocol: str, out
             ys = torch.tensor([[row[d] for row in r["curve"]] for r in rs if len(r["curve"]) == len(xs)])
             m = ys.mean(0)
             ls = "--" if BY_NAME[n].ref else "-" if BY_NAME[n].default else ":"
-            (line,) = ax.plot(xs, m.tolist(), marker="o", ms=3, label=n, ls=ls)
+            (line,) = ax.plot(xs, m.tolist(), marker="o", ms=3, label=n, ls=ls, color=colour(n))
             (core if BY_NAME[n].default else lever).extend(m.tolist())
             if len(ys) > 1:
                 sd = ys.std(0)
