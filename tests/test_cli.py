@@ -114,9 +114,10 @@ def test_eval_command_reports_loss(tmp_path, capsys):
     d, g = default_gguf()
     text = tmp_path / "t.txt"
     text.write_text("The cat sat on the mat. " * 40)
-    rc = main(["eval", d, str(text), "--gguf-file", g, "--block-size", "32", "--max-blocks", "4"])
+    rc = main(["eval", d, str(text), "--gguf-file", g, "--block-size", "32", "--max-blocks", "4", "--threads", "1"])
     assert rc == 0
     out = capsys.readouterr().out
+    assert "(1 torch threads: given)" in out
     loss = float(out.split("loss ")[1].split()[0])
     assert 0 < loss < 3  # a repeated sentence is easy for a real model; random weights give ~10.8
     with pytest.raises(ValueError, match="fewer than one block"):

