@@ -34,8 +34,9 @@ def _threads(text: str) -> int | str:
 
 
 THREADS_HELP = ("torch threads for the upscale: auto (default: the CPUs other processes leave idle, sampled for 0.2 s;"
-                " torch's own setting if OMP_NUM_THREADS is set) or a number. Beside a busy process, torch's default of"
-                " one thread per core made the demo's align + fuse 3.5-31x slower; see benchmarks/threads_load.py")
+                " torch's own setting if OMP_NUM_THREADS is set) or a number. Beside one busy process, torch's default of"
+                " one thread per core made SmolLM2's align + fuse 2.4-3.5x slower than one thread"
+                " (benchmarks/threads_load.py)")
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:

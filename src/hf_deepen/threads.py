@@ -3,9 +3,9 @@
 PyTorch's CPU kernels split each operation over ``torch.get_num_threads()`` OpenMP threads (one per
 core by default), and every split waits for its slowest thread. When another process keeps a core
 busy, the thread that shares it gets a time slice now and then, and each of the alignment's many
-mid-sized operations waits for it. ``benchmarks/threads_load.py`` measured the SmolLM2 demo's
-align + fuse on this 2-core machine: 4.3 s on 2 threads idle, 15-17 s on 2 threads beside one busy
-process (31x beside a training run), 5.8-5.9 s on 1 thread beside the same process.
+mid-sized operations waits for it. ``benchmarks/threads_load.py`` measured SmolLM2's align + fuse
+on a 2-core machine: 5.3 s on 2 threads idle; beside one busy process 12.9-19.5 s on 2 threads and
+5.3-5.9 s on 1.
 ``threads="auto"`` therefore samples how busy the allowed CPUs are for a fifth of a second and runs
 on the idle ones (never more than torch's own setting, never fewer than one).
 
