@@ -37,9 +37,41 @@ def test_idle_cores_reads_this_machine():
     assert idle is not None and 0.0 <= idle <= len(os.sched_getaffinity(0)) + 1e-9
 
 
+@pytest.mark.parametrize("files, expect", [
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "250000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.5),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "300000 100000", "cpu/cpu.cfs_quota_us": "50000", "cpu/cpu.cfs_period_us": "100000"}, 0.5),
+    ({}, None),
+])
+def test_cpu_quota_reads_cgroup_v2_and_v1(tmp_path, files, expect):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert th.cpu_quota(tmp_path) == expect
+
+
+def test_auto_stays_within_the_cgroup_quota(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(th, "cpu_quota", lambda: 1.5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(th, "idle_cores", lambda: 7.0)
+        assert th.resolve_threads("auto") == (1, "auto: 7.0 of %d CPUs idle, cgroup quota 1.5 CPUs" % len(os.sched_getaffinity(0)))
+        monkeypatch.setattr(th, "idle_cores", lambda: None)  # load unknown, quota known
+        assert th.resolve_threads("auto") == (1, "auto: CPU load unknown, cgroup quota 1.5 CPUs")
+        monkeypatch.setattr(th, "cpu_quota", lambda: 0.3)
+        assert th.resolve_threads("auto")[0] == 1  # never fewer than one
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("idle, expect", [(0.2, 1), (1.4, 1), (1.6, 2), (7.0, 2)])
 def test_auto_uses_the_idle_cpus_between_one_and_torchs_setting(monkeypatch, idle, expect):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(th, "cpu_quota", lambda: None)
     monkeypatch.setattr(th, "idle_cores", lambda: idle)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -56,6 +88,7 @@ def test_auto_keeps_torchs_setting_when_the_user_chose_or_load_is_unknown(monkey
     assert th.resolve_threads("auto") == (None, "auto: OMP_NUM_THREADS=3 is set, torch's setting kept")
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(th, "idle_cores", lambda: None)
+    monkeypatch.setattr(th, "cpu_quota", lambda: None)
     n, why = th.resolve_threads("auto")
     assert n is None and "unknown" in why
     assert th.resolve_threads(None) == (None, "torch's setting")

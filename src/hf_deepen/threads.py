@@ -7,7 +7,9 @@ mid-sized operations waits for it. ``benchmarks/threads_load.py`` measured SmolL
 on a 2-core machine: 5.3 s on 2 threads idle; beside one busy process 12.9-19.5 s on 2 threads and
 5.3-5.9 s on 1.
 ``threads="auto"`` therefore samples how busy the allowed CPUs are for a fifth of a second and runs
-on the idle ones (never more than torch's own setting, never fewer than one).
+on the idle ones (never more than torch's own setting or the container's CPU quota, never fewer
+than one). Inside a container limited to fewer CPUs than the host has (``docker --cpus``, a
+Kubernetes limit), torch still starts one thread per host core; the quota bounds ``auto`` too.
 
 Written by hand: torch, OpenMP and ``os`` give the core count, not how many cores other processes
 use; psutil would (``cpu_percent(percpu=True)``) but is not otherwise a dependency, and Linux's
@@ -61,6 +63,39 @@ def idle_cores(interval: float = SAMPLE_SECONDS, stat: str | os.PathLike = "/pro
     return idle
 
 
+def cpu_quota(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
+    """The CPUs' worth of time this process's cgroup may use (a container's ``--cpus``), or None where
+    there is no limit or no cgroup filesystem. cgroup v2's ``cpu.max`` (``"QUOTA PERIOD"`` or
+    ``"max PERIOD"``) first, then v1's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (-1: no limit);
+    at the root of the hierarchy and at this process's own cgroup (``/proc/self/cgroup``)."""
+    root = Path(root)
+    own: dict[str, str] = {}
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for c in controllers.split(",") if controllers else [""]:
+                own[c] = path.lstrip("/")
+    except (OSError, ValueError):
+        pass
+    limits = []
+    for base in {root, root / own.get("", "")}:
+        try:
+            quota, period = (base / "cpu.max").read_text().split()[:2]
+            if quota != "max":
+                limits.append(int(quota) / int(period))
+        except (OSError, ValueError):
+            pass
+    for base in {root / "cpu", root / "cpu" / own.get("cpu", ""), root / "cpu,cpuacct", root / "cpu,cpuacct" / own.get("cpu", "")}:
+        try:
+            quota = int((base / "cpu.cfs_quota_us").read_text())
+            period = int((base / "cpu.cfs_period_us").read_text())
+            if quota > 0 and period > 0:
+                limits.append(quota / period)
+        except (OSError, ValueError):
+            pass
+    return min(limits) if limits else None
+
+
 def check_threads(threads: int | str | None) -> int | str | None:
     """``threads`` checked and normalised (``"4"`` -> 4) without sampling anything: a ConfigError names the fix."""
     if isinstance(threads, str) and threads.strip().isdigit():
@@ -75,7 +110,8 @@ def resolve_threads(threads: int | str | None) -> tuple[int | None, str]:
     """``threads`` of an upscale as (the torch thread count to use, or None to leave torch alone; why).
 
     None: torch's current setting. An int >= 1: that many. ``"auto"``: the idle CPUs (rounded, at
-    least 1, at most torch's current setting), unless ``OMP_NUM_THREADS`` is set (the user chose).
+    least 1, at most torch's current setting and the cgroup's CPU quota, rounded down), unless
+    ``OMP_NUM_THREADS`` is set (the user chose).
     """
     import torch
 
@@ -87,11 +123,16 @@ def resolve_threads(threads: int | str | None) -> tuple[int | None, str]:
         return threads, "given"
     if os.environ.get("OMP_NUM_THREADS"):
         return None, f"auto: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} is set, torch's setting kept"
+    quota = cpu_quota()
     idle = idle_cores()
-    if idle is None:
+    if idle is None and quota is None:
         return None, "auto: CPU load unknown on this system, torch's setting kept"
-    n = max(1, min(current, int(idle + 0.5)))
-    return n, f"auto: {idle:.1f} of {len(os.sched_getaffinity(0))} CPUs idle"
+    n = current if idle is None else min(current, int(idle + 0.5))
+    why = "auto: " + ("CPU load unknown" if idle is None else f"{idle:.1f} of {len(os.sched_getaffinity(0))} CPUs idle")
+    if quota is not None and quota < n:  # a container's --cpus: more threads than that only queue
+        n = int(quota)
+        why += f", cgroup quota {quota:g} CPUs"
+    return max(1, n), why
 
 
 @contextmanager
