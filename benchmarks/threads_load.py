@@ -11,7 +11,11 @@ a few seconds before the runs and stopped after them:
 - ``memory``: NumPy copying 256 MB arrays back and forth (memory bound, one thread);
 - ``compute``: a pure-Python loop (one core busy, no memory traffic);
 - ``trainer``: a one-thread torch training loop (the study's kind of neighbour, where the demo's
-  align + fuse once read 31x its idle time).
+  align + fuse once read 31x its idle time);
+- ``quota``: no neighbour, but the child runs in a new cgroup limited to ``--quota`` CPUs (1 by
+  default; a container's ``--cpus``), so the host's cores look idle while the process may use fewer.
+  Needs root and a writable cgroup ``cpu`` hierarchy (v1 or v2); not in the default list;
+- ``external``: none started here, the machine as it is (other jobs); not in the default list.
 
 The threads settings alternate within each neighbour so that each sees the same load.
 ``OMP_NUM_THREADS`` is removed from the children's environment (it would make "auto" keep torch's
@@ -51,6 +55,7 @@ print("RESULT " + json.dumps({"align+fuse": r.timings["align+fuse"], "upscale_wa
 
 NEIGHBOURS = {
     "idle": None,
+    "external": None,  # none started here: whatever else runs on the machine (say so where it is cited)
     "memory": "import numpy as np\na = np.ones(1 << 25); b = np.empty_like(a)\nwhile True:\n    np.copyto(b, a); np.copyto(a, b)",
     "compute": "x = 0\nwhile True:\n    for i in range(100000): x += i",
     "trainer": (
@@ -61,12 +66,33 @@ NEIGHBOURS = {
 }
 
 
-def child(setting: str, timeout: float) -> dict:
+class CpuQuota:
+    """A temporary cgroup whose processes may use ``cpus`` CPUs' worth of time (v1 ``cpu`` or v2)."""
+
+    def __init__(self, cpus: float):
+        name = f"hf_deepen_threads_load_{os.getpid()}"
+        v1 = Path("/sys/fs/cgroup/cpu")
+        self.dir = (v1 if (v1 / "cpu.cfs_quota_us").exists() else Path("/sys/fs/cgroup")) / name
+        self.dir.mkdir()
+        period = 100_000
+        if (self.dir / "cpu.cfs_quota_us").exists():
+            (self.dir / "cpu.cfs_quota_us").write_text(str(int(cpus * period)))
+        else:
+            (self.dir / "cpu.max").write_text(f"{int(cpus * period)} {period}")
+
+    def enter(self) -> None:  # preexec_fn of the child: move itself in before exec
+        (self.dir / "cgroup.procs").write_text(str(os.getpid()))
+
+    def close(self) -> None:
+        self.dir.rmdir()
+
+
+def child(setting: str, timeout: float, preexec=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONPATH=str(HERE.parent / "src"))
     try:
         p = subprocess.run([sys.executable, "-c", CHILD, setting], env=env, capture_output=True, text=True,
-                           timeout=timeout)
+                           timeout=timeout, preexec_fn=preexec)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f} s"}
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -81,19 +107,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--settings", default="none,1,auto", help="threads= values: none (torch's default), a number, auto")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per child")
+    ap.add_argument("--quota", type=float, default=1.0, help="CPUs of the 'quota' neighbour's cgroup")
     ap.add_argument("--out", default=str(HERE / "results" / "threads_load.json"))
     args = ap.parse_args(argv)
     names = [n for n in args.neighbours.split(",") if n]
-    unknown = sorted(set(names) - set(NEIGHBOURS))
+    unknown = sorted(set(names) - set(NEIGHBOURS) - {"quota"})
     if unknown:
-        ap.error(f"unknown neighbour(s) {unknown}: choose from {sorted(NEIGHBOURS)}")
+        ap.error(f"unknown neighbour(s) {unknown}: choose from {sorted(NEIGHBOURS) + ['quota']}")
     settings = [s for s in args.settings.split(",") if s]
     out: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                              "python": platform.python_version()},
                  "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "runs": {}}
+    if Path(args.out).exists():  # add to what an earlier run of other neighbours measured
+        out["runs"] = json.loads(Path(args.out).read_text()).get("runs", {})
+        out["earlier_started_utc"] = json.loads(Path(args.out).read_text()).get("started_utc")
     for name in names:
-        hog = None
-        if NEIGHBOURS[name]:
+        hog = quota = None
+        out["runs"].pop(name, None)
+        if name == "quota":
+            quota = CpuQuota(args.quota)
+            out["quota_cpus"] = args.quota
+        elif NEIGHBOURS[name]:
             hog = subprocess.Popen([sys.executable, "-c", NEIGHBOURS[name]], stdin=subprocess.DEVNULL,
                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
             time.sleep(3)
@@ -101,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             for r in range(args.rounds):
                 order = settings if r % 2 == 0 else settings[::-1]
                 for s in order:
-                    res = child(s, args.timeout)
+                    res = child(s, args.timeout, quota.enter if quota else None)
                     res["loadavg_1min"] = os.getloadavg()[0]
                     out["runs"].setdefault(name, {}).setdefault(s, []).append(res)
                     print(f"{name:8s} threads={s:5s} " + json.dumps(res), flush=True)
@@ -109,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
             if hog is not None:
                 hog.kill()
                 hog.wait()
+            if quota is not None:
+                quota.close()
     out["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

@@ -52,7 +52,7 @@ def idle_cores(interval: float = SAMPLE_SECONDS, stat: str | os.PathLike = "/pro
         before = _cpu_times(path)
         time.sleep(interval)
         after = _cpu_times(path)
-    except (OSError, AttributeError, ValueError):
+    except (OSError, AttributeError, ValueError, IndexError):  # not Linux, or a /proc/stat we cannot read
         return None
     idle = 0.0
     for cpu in allowed:
