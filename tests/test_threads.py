@@ -157,3 +157,29 @@ def test_cli_threads_flag_yaml_and_errors(tmp_path, capsys):
     rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "o2"), "--no-progress", "--method", "avg"])
     assert rc == 0
     assert "threads" in capsys.readouterr().out  # the default, auto, reports what it chose
+
+
+def test_cli_loads_and_saves_on_the_threads_too(tmp_path, monkeypatch):
+    """The CLI owns its process: loading, the upscale and saving all run on --threads (restored after)."""
+    from hf_deepen import upscaler
+
+    tiny_model("gqa").save_pretrained(tmp_path / "base")
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    seen = {}
+    real_load, real_save = upscaler.DepthUpscaler.from_pretrained.__func__, upscaler.DepthUpscaler.save_pretrained
+
+    def load(cls, *a, **k):
+        seen["load"] = torch.get_num_threads()
+        return real_load(cls, *a, **k)
+
+    def save(self, *a, **k):
+        seen["save"] = torch.get_num_threads()
+        return real_save(self, *a, **k)
+
+    monkeypatch.setattr(upscaler.DepthUpscaler, "from_pretrained", classmethod(load))
+    monkeypatch.setattr(upscaler.DepthUpscaler, "save_pretrained", save)
+    rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "o"), "--no-streaming", "--method", "avg",
+               "--threads", str(want), "--no-progress"])
+    assert rc == 0
+    assert seen == {"load": want, "save": want} and torch.get_num_threads() == before

@@ -244,7 +244,7 @@ def _upscale(args: argparse.Namespace) -> int:
     from .io import check_output_dir, check_output_writable
     from .upscaler import DepthUpscaler
 
-    from .threads import check_threads
+    from .threads import check_threads, torch_threads
 
     run = resolve_run(args)
     run["threads"] = check_threads(run["threads"])
@@ -282,10 +282,11 @@ def _upscale(args: argparse.Namespace) -> int:
                                 **{k: v for k, v in kwargs.items() if k != "dtype"})
         if hf_config is not None:
             check_plan(hf_config, cfg)
-        up = DepthUpscaler.from_pretrained(run["model"], trust_remote_code=bool(run["trust_remote_code"]),
-                                           model_class=model_class, **kwargs)
-        up.upscale(cfg, progress=run["progress"], calibration=calibration, threads=run["threads"])
-        up.save_pretrained(run["out"], overwrite=run["overwrite"], extra_files=extra)
+        with torch_threads(run["threads"]):  # loading and saving too (the upscale records its own choice)
+            up = DepthUpscaler.from_pretrained(run["model"], trust_remote_code=bool(run["trust_remote_code"]),
+                                               model_class=model_class, **kwargs)
+            up.upscale(cfg, progress=run["progress"], calibration=calibration, threads=run["threads"])
+            up.save_pretrained(run["out"], overwrite=run["overwrite"], extra_files=extra)
         report = up.report
     assert report is not None
     print(report.summary())
@@ -332,12 +333,12 @@ def _eval(a: argparse.Namespace) -> int:
     check_source(a.model)
     text = _read_text(a.text)
     kw = {"gguf_file": a.gguf_file} if a.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=_dtype(a.dtype), **kw)
-    prepare_model(model)
-    tok = AutoTokenizer.from_pretrained(a.tokenizer or a.model, **kw)
     from .threads import torch_threads
 
     with torch_threads(a.threads) as (n, why):
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=_dtype(a.dtype), **kw)
+        prepare_model(model)
+        tok = AutoTokenizer.from_pretrained(a.tokenizer or a.model, **kw)
         r = heldout_loss(model, tok, text, block_size=a.block_size, max_blocks=a.max_blocks)
     print(f"model {a.model}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}"
           f" over {r['tokens']} tokens in {r['blocks']} blocks of {a.block_size} ({n} torch threads: {why})")

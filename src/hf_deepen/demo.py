@@ -28,6 +28,14 @@ def _generate(model: Any, tok: Any, inputs: dict, max_new_tokens: int) -> tuple[
 def run_demo(out: str = "outputs/smollm2-135m-instruct-45l", solver: str = "exact",
              prompt: str = "What is the capital of France?", max_new_tokens: int = 24,
              threads: int | str | None = "auto") -> dict[str, Any]:
+    """The whole demo on ``threads`` torch threads (see :mod:`hf_deepen.threads`; restored after)."""
+    from .threads import torch_threads
+
+    with torch_threads(threads):  # generation and reloading too; the upscale records its own choice
+        return _demo(out, solver, prompt, max_new_tokens, threads)
+
+
+def _demo(out: str, solver: str, prompt: str, max_new_tokens: int, threads: int | str | None) -> dict[str, Any]:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
