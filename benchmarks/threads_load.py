@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "python": platform.python_version()},
                  "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "runs": {}}
     if Path(args.out).exists():  # add to what an earlier run of other neighbours measured
-        out["runs"] = json.loads(Path(args.out).read_text()).get("runs", {})
-        out["earlier_started_utc"] = json.loads(Path(args.out).read_text()).get("started_utc")
+        earlier = json.loads(Path(args.out).read_text())
+        out["runs"], out["earlier_started_utc"] = earlier.get("runs", {}), earlier.get("started_utc")
     for name in names:
         hog = quota = None
         out["runs"].pop(name, None)

@@ -183,3 +183,19 @@ def test_cli_loads_and_saves_on_the_threads_too(tmp_path, monkeypatch):
                "--threads", str(want), "--no-progress"])
     assert rc == 0
     assert seen == {"load": want, "save": want} and torch.get_num_threads() == before
+
+
+def test_a_resolved_threads_value_is_used_as_it_is(tmp_path, monkeypatch):
+    """The CLI resolves "auto" once for the whole command; the upscale inside reuses it (no second sample)."""
+    assert str(th.Threads(1, "given")) == "1 (given)"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(th, "cpu_quota", lambda: None)
+    calls = []
+    monkeypatch.setattr(th, "idle_cores", lambda: calls.append(1) or 1.0)
+    assert th.resolve_threads(th.Threads(1, "auto: earlier")) == (1, "auto: earlier") and not calls
+    tiny_model("gqa").save_pretrained(tmp_path / "base")
+    rc = main(["upscale", str(tmp_path / "base"), "--out", str(tmp_path / "o"), "--no-streaming", "--method", "avg",
+               "--no-progress", "--report", str(tmp_path / "r.json")])
+    assert rc == 0 and len(calls) == 1
+    assert json.loads((tmp_path / "r.json").read_text())["threads"] == "1 (auto: 1.0 of %d CPUs idle)" % len(
+        os.sched_getaffinity(0))

@@ -22,15 +22,12 @@ def _positions(text: str) -> list[int]:
 
 
 def _threads(text: str) -> int | str:
-    if text == "auto":
-        return text
+    from .threads import check_threads
+
     try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--threads takes a positive integer or 'auto', got {text!r}")
-    return n
+        return check_threads(text)
+    except DeepenError:
+        raise argparse.ArgumentTypeError(f"--threads takes a positive integer or 'auto', got {text!r}") from None
 
 
 THREADS_HELP = ("torch threads for the whole command: auto (default: the CPUs other processes leave idle, sampled for"
@@ -281,10 +278,10 @@ def _upscale(args: argparse.Namespace) -> int:
                                 **{k: v for k, v in kwargs.items() if k != "dtype"})
         if hf_config is not None:
             check_plan(hf_config, cfg)
-        with torch_threads(run["threads"]):  # loading and saving too (the upscale records its own choice)
+        with torch_threads(run["threads"]) as used:  # loading and saving too
             up = DepthUpscaler.from_pretrained(run["model"], trust_remote_code=bool(run["trust_remote_code"]),
                                                model_class=model_class, **kwargs)
-            up.upscale(cfg, progress=run["progress"], calibration=calibration, threads=run["threads"])
+            up.upscale(cfg, progress=run["progress"], calibration=calibration, threads=used)
             up.save_pretrained(run["out"], overwrite=run["overwrite"], extra_files=extra)
         report = up.report
     assert report is not None
@@ -334,13 +331,13 @@ def _eval(a: argparse.Namespace) -> int:
     kw = {"gguf_file": a.gguf_file} if a.gguf_file else {}
     from .threads import torch_threads
 
-    with torch_threads(a.threads) as (n, why):
+    with torch_threads(a.threads) as used:
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=_dtype(a.dtype), **kw)
         prepare_model(model)
         tok = AutoTokenizer.from_pretrained(a.tokenizer or a.model, **kw)
         r = heldout_loss(model, tok, text, block_size=a.block_size, max_blocks=a.max_blocks)
     print(f"model {a.model}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}"
-          f" over {r['tokens']} tokens in {r['blocks']} blocks of {a.block_size} (torch threads: {n}, {why})")
+          f" over {r['tokens']} tokens in {r['blocks']} blocks of {a.block_size} (torch threads: {used.n}, {used.why})")
     return 0
 
 

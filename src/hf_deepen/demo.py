@@ -31,11 +31,11 @@ def run_demo(out: str = "outputs/smollm2-135m-instruct-45l", solver: str = "exac
     """The whole demo on ``threads`` torch threads (see :mod:`hf_deepen.threads`; restored after)."""
     from .threads import torch_threads
 
-    with torch_threads(threads):  # generation and reloading too; the upscale records its own choice
-        return _demo(out, solver, prompt, max_new_tokens, threads)
+    with torch_threads(threads) as used:  # generation and reloading too
+        return _demo(out, solver, prompt, max_new_tokens, used)
 
 
-def _demo(out: str, solver: str, prompt: str, max_new_tokens: int, threads: int | str | None) -> dict[str, Any]:
+def _demo(out: str, solver: str, prompt: str, max_new_tokens: int, threads: Any) -> dict[str, Any]:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

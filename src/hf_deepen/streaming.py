@@ -27,7 +27,7 @@ from .pipeline import execute, make_plan, options, resolve
 from .pipeline.sink import ShardWriterSink, output_bytes
 from .pipeline.source import DTYPE_NAMES, SafetensorsSource
 from .report import UpscaleReport
-from .threads import torch_threads
+from .threads import Threads, torch_threads
 
 
 def upscale_checkpoint(
@@ -42,7 +42,7 @@ def upscale_checkpoint(
     dtype: torch.dtype | str | None = None,
     calibration: Any = None,
     tokenizer: Any = None,
-    threads: int | str | None = None,
+    threads: int | str | Threads | None = None,
     **kwargs: Any,
 ) -> UpscaleReport:
     """Upscale the checkpoint in directory ``src`` into directory ``out``, streaming tensors.
@@ -57,16 +57,18 @@ def upscale_checkpoint(
     the cast weights; default (None or ``"auto"``): the checkpoint's own dtypes, copied byte for byte.
 
     ``threads``: torch threads for the job (restored after): None (default) keeps torch's setting,
-    an int sets it, ``"auto"`` uses the CPUs other processes leave idle (:mod:`hf_deepen.threads`).
+    an int sets it, ``"auto"`` uses the CPUs other processes leave idle (:mod:`hf_deepen.threads`); the
+    :class:`~hf_deepen.threads.Threads` of an enclosing ``torch_threads`` block is used as it is.
     """
     with torch_threads(threads) as used:
-        return _upscale_checkpoint(src, out, config, overwrite, max_shard_size, progress, extra_files, dtype,
-                                   calibration, tokenizer, used, kwargs)
+        return _upscale_checkpoint(src, out, config, overwrite=overwrite, max_shard_size=max_shard_size,
+                                   progress=progress, extra_files=extra_files, dtype=dtype, calibration=calibration,
+                                   tokenizer=tokenizer, threads=used, kwargs=kwargs)
 
 
-def _upscale_checkpoint(src: Any, out: Any, config: Any, overwrite: bool, max_shard_size: int | str,
+def _upscale_checkpoint(src: Any, out: Any, config: Any, *, overwrite: bool, max_shard_size: int | str,
                         progress: bool | None, extra_files: dict[str, str] | None, dtype: Any, calibration: Any,
-                        tokenizer: Any, threads: tuple[int, str], kwargs: dict[str, Any]) -> UpscaleReport:
+                        tokenizer: Any, threads: Threads, kwargs: dict[str, Any]) -> UpscaleReport:
     from transformers import AutoConfig
 
     from .validate import check_checkpoint, check_source
@@ -106,7 +108,7 @@ def _upscale_checkpoint(src: Any, out: Any, config: Any, overwrite: bool, max_sh
         source.close()
         raise
     report = run.new_report()
-    report.threads = f"{threads[0]} ({threads[1]})"
+    report.threads = str(threads)
 
     def write(tmp: Path) -> None:
         with ShardWriterSink(run, source, tmp, max_shard_size, src) as sink:

@@ -22,7 +22,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from .errors import ConfigError
 
@@ -96,8 +96,21 @@ def cpu_quota(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
     return min(limits) if limits else None
 
 
-def check_threads(threads: int | str | None) -> int | str | None:
+class Threads(NamedTuple):
+    """What a :func:`torch_threads` block runs on: the count and why (``str``: ``"1 (auto: 0.9 of 2 CPUs
+    idle)"``, as the report prints it). Passed back as ``threads=``, it is used as it is, not resolved again."""
+
+    n: int
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.n} ({self.why})"
+
+
+def check_threads(threads: int | str | Threads | None) -> int | str | Threads | None:
     """``threads`` checked and normalised (``"4"`` -> 4) without sampling anything: a ConfigError names the fix."""
+    if isinstance(threads, Threads):
+        return threads
     if isinstance(threads, str) and threads.strip().isdigit():
         threads = int(threads)
     if threads is None or threads == "auto" or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
@@ -106,16 +119,18 @@ def check_threads(threads: int | str | None) -> int | str | None:
                       " or None (torch's setting)")
 
 
-def resolve_threads(threads: int | str | None) -> tuple[int | None, str]:
+def resolve_threads(threads: int | str | Threads | None) -> tuple[int | None, str]:
     """``threads`` of an upscale as (the torch thread count to use, or None to leave torch alone; why).
 
     None: torch's current setting. An int >= 1: that many. ``"auto"``: the idle CPUs (rounded, at
     least 1, at most torch's current setting and the cgroup's CPU quota, rounded down), unless
-    ``OMP_NUM_THREADS`` is set (the user chose).
+    ``OMP_NUM_THREADS`` is set (the user chose). A :class:`Threads` (an enclosing block's): as it is.
     """
     import torch
 
     threads = check_threads(threads)
+    if isinstance(threads, Threads):
+        return threads.n, threads.why
     current = torch.get_num_threads()
     if threads is None:
         return None, "torch's setting"
@@ -136,9 +151,9 @@ def resolve_threads(threads: int | str | None) -> tuple[int | None, str]:
 
 
 @contextmanager
-def torch_threads(threads: int | str | None) -> Iterator[tuple[int, str]]:
+def torch_threads(threads: int | str | Threads | None) -> Iterator[Threads]:
     """Run the block on ``threads`` torch threads (see :func:`resolve_threads`), then restore torch's
-    setting. Yields (the threads used, why)."""
+    setting. Yields the :class:`Threads` used (the count and why)."""
     import torch
 
     n, why = resolve_threads(threads)
@@ -146,7 +161,7 @@ def torch_threads(threads: int | str | None) -> Iterator[tuple[int, str]]:
     if n is not None and n != before:
         torch.set_num_threads(n)
     try:
-        yield (n if n is not None else before), why
+        yield Threads(n if n is not None else before, why)
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)

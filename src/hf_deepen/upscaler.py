@@ -21,7 +21,7 @@ from .pipeline.source import ModelStateSource
 from .plan import DepthPlan
 from .report import UpscaleReport
 from .surgery import PROVENANCE_KEY
-from .threads import torch_threads
+from .threads import Threads, torch_threads
 
 #: from_pretrained kwargs that also apply to the tokenizer
 _TOKENIZER_KWARGS = ("gguf_file", "revision", "cache_dir", "token", "local_files_only", "subfolder", "trust_remote_code")
@@ -119,7 +119,7 @@ class DepthUpscaler:
         progress: bool | None = None,
         calibration: Any = None,
         tokenizer: Any = None,
-        threads: int | str | None = None,
+        threads: int | str | Threads | None = None,
         **kwargs: Any,
     ) -> PreTrainedModel:
         """Insert new layers and return the (same) model, deeper.
@@ -133,7 +133,8 @@ class DepthUpscaler:
 
         ``threads``: torch threads for the job (restored after): None (default) keeps torch's setting,
         an int sets it, ``"auto"`` uses the CPUs other processes leave idle (see :mod:`hf_deepen.threads`;
-        the CLI's default).
+        the CLI's default); the :class:`~hf_deepen.threads.Threads` of an enclosing ``torch_threads``
+        block is used as it is.
         """
         cfg = options(config, kwargs)
         with torch_threads(threads) as used:
@@ -141,7 +142,7 @@ class DepthUpscaler:
         return self.model
 
     def _upscale(self, cfg: UpscaleConfig, calibration: Any, tokenizer: Any, progress: bool | None,
-                 threads: tuple[int, str]) -> None:
+                 threads: Threads) -> None:
         layers = self._layers()
         if calibration is not None and cfg.align_on != "activations" and cfg.layout != "auto":
             raise ConfigError(
@@ -159,7 +160,7 @@ class DepthUpscaler:
                 return self._calibrate(cfg, layers, used, calibration, tokenizer)
         run = resolve(cfg, self.spec, self.model.config, plan, self.base_model, capture=capture, seconds=seconds)
         report = run.new_report()
-        report.threads = f"{threads[0]} ({threads[1]})"
+        report.threads = str(threads)
         execute(run, ModelStateSource(self.model, layers), SurgerySink(self.model, run), report, progress=progress)
         self.report = report
 
