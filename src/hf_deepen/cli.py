@@ -30,6 +30,12 @@ def _threads(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"--threads takes a positive integer or 'auto', got {text!r}") from None
 
 
+def _new_tokens(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--max-new-tokens takes a positive integer, got {text!r}")
+    return int(text)
+
+
 THREADS_HELP = ("torch threads for the whole command: auto (default: the CPUs other processes leave idle, sampled for"
                 " 0.2 s, within the container's CPU quota; torch's own setting if OMP_NUM_THREADS is set) or a number."
                 " Beside one busy process, torch's default of one thread per core made SmolLM2's align + fuse 2.4-3.5x"
@@ -181,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="outputs/smollm2-135m-instruct-45l", help="where to save (replaced if it exists)")
     dm.add_argument("--solver", choices=SOLVERS, default="exact")
     dm.add_argument("--prompt", default="What is the capital of France?")
-    dm.add_argument("--max-new-tokens", type=int, default=24)
+    dm.add_argument("--max-new-tokens", type=_new_tokens, default=24, help="tokens each model generates (default 24)")
     dm.add_argument("--threads", type=_threads, default="auto", help=THREADS_HELP)
     return p
 

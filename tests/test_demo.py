@@ -1,0 +1,52 @@
+"""README command 1 (`bash scripts/demo` -> `hf-deepen demo`): the embedded default job on the real model.
+
+The demo is the first thing a new user runs, and its own check (logits equal before and after save and
+reload) is what it shows them; both tests run it end to end through the CLI, the second with that check
+made to fail.
+"""
+
+import json
+
+import pytest
+
+from hf_deepen import DepthUpscaler
+from hf_deepen.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _needs_gguf():
+    pytest.importorskip("gguf", reason="the gguf package reads the embedded model: pip install gguf")
+
+
+def test_demo_upscales_checks_and_saves(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--max-new-tokens", "3", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "-> MATCH (tolerance 1e-5)" in text and "(same tokens: True)" in text
+    assert "layers         45 in the saved model" in text
+    assert "\nthreads        1 (given)\n" in text  # the report's summary line: --threads covered the job
+    diff = float(text.split("max |deep - base| = ")[1].split(";")[0])
+    assert diff <= 1e-5
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 45 and len(cfg["hf_deepen"]["new_layer_indices"]) == 15
+    assert any(p.name.endswith(".safetensors") for p in out.iterdir())
+    assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+
+
+def test_demo_fails_loudly_when_the_deeper_model_differs(tmp_path, monkeypatch, capsys):
+    """The demo's check can fail: new layers inserted without zero-init change the logits."""
+    real = DepthUpscaler.upscale
+
+    def not_preserving(self, **kw):
+        return real(self, **{**kw, "zero_init": False})
+
+    monkeypatch.setattr(DepthUpscaler, "upscale", not_preserving)
+    with pytest.raises(SystemExit, match="does not reproduce the base model's logits"):
+        main(["demo", "--out", str(tmp_path / "demo"), "--max-new-tokens", "1", "--threads", "1"])
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_demo_refuses_a_bad_token_count(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--max-new-tokens", "0"])
+    assert e.value.code == 2 and "--max-new-tokens takes a positive integer" in capsys.readouterr().err
