@@ -5,6 +5,7 @@
     python benchmarks/study.py --time-limit 08:45       # stop (checkpointed) at 08:45 UTC; rerun to resume
     python benchmarks/study.py --report-only            # tables, plots, README section from every cached run
     python benchmarks/study.py --budget gpu --data corpus --device cuda --dtype bf16   # gpu_quality.sh
+    python benchmarks/study.py --budget cpu-long --models smollm2 --protocols new      # 4x the tokens, on the corpus
 
 Every (budget, model, protocol, variant, seed) run is written to
 ``benchmarks/results/study/<budget>/<model>/<protocol>/<variant>/seed<N>.json`` when it finishes, and
@@ -85,9 +86,16 @@ BUDGETS = {
     # the protocol-`all` comparison there may be one of damage, not of initialisation. Chosen before any run
     # at it; reported as its own tables, never pooled with `cpu`, and not read by the default's rule
     "cpu-lowlr": Budget(steps=50, batch=8, micro=4, seq_len=128, lr=1e-4, warmup=5, eval_every=25, eval_blocks=16),
+    # CPU, 4x the tokens (stop 32, defined before any run at it): 200 steps x 8 x 128 = 204,800 training tokens per
+    # run on the Debian-docs corpus of make_corpus.py (5.5 M tokens: no block is seen twice; the pydoc split holds
+    # ~106 k tokens, so 4x would have been two epochs). Asks whether the head starts measured at `cpu` persist at
+    # 4x the tokens. Its own tables, never pooled with `cpu`; the default's rule reads `cpu`
+    "cpu-long": Budget(steps=200, batch=8, micro=4, seq_len=128, lr=3e-4, warmup=20, eval_every=50, eval_blocks=32),
     # one H200: 64 steps x 64 x 512 = 2,097,152 training tokens per run (benchmarks/gpu_quality.sh)
     "gpu": Budget(steps=64, batch=64, micro=32, seq_len=512, lr=3e-4, warmup=6, eval_every=16, eval_blocks=64),
 }
+# the data a budget is defined on (the rest: --data, default pydoc); a run on other data is refused
+BUDGET_DATA = {"cpu-long": "corpus"}
 
 
 # ---- variants -------------------------------------------------------------------------------------
@@ -803,6 +811,7 @@ def report(results: Path, readme: Path | None) -> str:
     b = [f"- `{n}`: {BY_NAME[n].note}" for n in BY_NAME]
     L += ["Budgets: " + "; ".join(f"`{k}` {v.steps} steps x {v.batch} x {v.seq_len} = {v.tokens:,} tokens, lr {v.lr},"
                                    f" {v.warmup} warm-up steps then cosine to {v.min_lr_ratio} x lr"
+                                   + (f", data `{BUDGET_DATA[k]}`" if k in BUDGET_DATA else "")
                                    for k, v in BUDGETS.items() if k != "tiny") + ".", "", "Variants:", "", *b, ""]
     stale = [r for r in runs if r.get("stale_budget")]
     if stale:
@@ -851,9 +860,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--variants", default=",".join(v.name for v in VARIANTS if v.default),
                     help=f"comma-separated, in priority order: {', '.join(BY_NAME)}")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--data", choices=("pydoc", "corpus"), default="pydoc",
+    ap.add_argument("--data", choices=("pydoc", "corpus"), default=None,
                     help="pydoc: CPython's pydoc topics (train) + held-out topics + LICENSE.txt; corpus: the"
-                         " pre-tokenized corpus of make_corpus.py (--corpus)")
+                         " pre-tokenized corpus of make_corpus.py (--corpus). Default: the budget's data"
+                         f" ({', '.join(f'{k}: {v}' for k, v in BUDGET_DATA.items())}), else pydoc")
     ap.add_argument("--corpus", type=Path, default=CORPUS)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--work", type=Path, default=WORK, help="checkpoints and cached deep models (ignored by git)")
@@ -868,7 +878,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--readme", default=str(README),
                     help="the README whose generated section is rewritten (default benchmarks/README.md); 'no': none")
     ap.add_argument("--stop-after-steps", type=int, default=0, help=argparse.SUPPRESS)  # tests: interrupt
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    need = BUDGET_DATA.get(args.budget)
+    if need and args.data not in (None, need):
+        ap.error(f"budget {args.budget!r} is defined on --data {need}, not {args.data}: drop --data or pass --data {need}")
+    if args.data is None:
+        args.data = need or "pydoc"
+    return args
 
 
 def plan_runs(args: argparse.Namespace) -> list[tuple[str, str, str, int]]:

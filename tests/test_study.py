@@ -85,6 +85,15 @@ def test_time_limit_clock_and_seconds(study):
     assert study.parse_deadline(None) is None
 
 
+def test_a_budget_defined_on_the_corpus_refuses_other_data(study, capsys):
+    assert study.parse([]).data == "pydoc"
+    assert study.parse(["--budget", "cpu-long"]).data == "corpus"
+    assert study.parse(["--budget", "cpu-long", "--data", "corpus"]).data == "corpus"
+    with pytest.raises(SystemExit) as e:
+        study.parse(["--budget", "cpu-long", "--data", "pydoc"])
+    assert e.value.code == 2 and "defined on --data corpus" in capsys.readouterr().err
+
+
 def test_variants_are_valid_configs_and_levers_are_opt_in(study):
     """Every deep variant's options make a valid UpscaleConfig (a bad combination would only fail
     hours into a study), and a lever variant runs only where asked for."""
