@@ -50,3 +50,27 @@ def test_demo_refuses_a_bad_token_count(capsys):
     with pytest.raises(SystemExit) as e:
         main(["demo", "--max-new-tokens", "0"])
     assert e.value.code == 2 and "--max-new-tokens takes a positive integer" in capsys.readouterr().err
+
+
+def test_demo_never_replaces_a_directory_of_the_users(tmp_path, capsys, monkeypatch):
+    from hf_deepen.demo import check_demo_out
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("three years of work")
+    loaded = []
+    monkeypatch.setattr(DepthUpscaler, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(a)))
+    assert main(["demo", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "is not an earlier hf_deepen output" in err and "choose another --out" in err
+    assert (mine / "thesis.txt").read_text() == "three years of work" and not loaded  # refused before loading
+    (mine / "config.json").write_text(json.dumps({"model_type": "llama"}))  # someone else's model: refused too
+    with pytest.raises(Exception, match="not an earlier hf_deepen output"):
+        check_demo_out(str(mine))
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "config.json").write_text(json.dumps({"model_type": "llama", "hf_deepen": {"stages": []}}))
+    check_demo_out(str(ours))  # an earlier output: replaced
+    check_demo_out(str(tmp_path / "new"))
+    (tmp_path / "empty").mkdir()
+    check_demo_out(str(tmp_path / "empty"))

