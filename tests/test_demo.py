@@ -19,8 +19,12 @@ def _needs_gguf():
 
 
 def test_demo_upscales_checks_and_saves(tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
     out = tmp_path / "demo"
+    before = hf_logging.get_verbosity()
     assert main(["demo", "--out", str(out), "--max-new-tokens", "3", "--threads", "1"]) == 0
+    assert hf_logging.get_verbosity() == before  # quieted for the demo only: later code still hears warnings
     text = capsys.readouterr().out
     assert "-> MATCH (tolerance 1e-5)" in text and "(same tokens: True)" in text
     assert "layers         45 in the saved model" in text

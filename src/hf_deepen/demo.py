@@ -52,8 +52,14 @@ def run_demo(out: str = "outputs/smollm2-135m-instruct-45l", solver: str = "exac
     """The whole demo on ``threads`` torch threads (see :mod:`hf_deepen.threads`; restored after)."""
     from .threads import torch_threads
 
-    with torch_threads(threads) as used:  # generation and reloading too
-        return _demo(out, solver, prompt, max_new_tokens, used)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    try:
+        with torch_threads(threads) as used:  # generation and reloading too
+            return _demo(out, solver, prompt, max_new_tokens, used)
+    finally:  # the demo quiets transformers' logging for its own output only
+        hf_logging.set_verbosity(verbosity)
 
 
 def _demo(out: str, solver: str, prompt: str, max_new_tokens: int, threads: Any) -> dict[str, Any]:
