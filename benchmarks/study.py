@@ -749,7 +749,8 @@ def decision(runs: list[dict[str, Any]]) -> list[str]:
     if not budgets:
         return []
     b = budgets[0]
-    L = [f"Target rule (generated; budget `{b}`, the largest with results): a candidate meets the issue's target"
+    L = [f"Target rule (generated; budget `{b}`, the largest of the main budgets with results; `cpu-lowlr` and"
+         " `cpu-long` are side studies, read by hand): a candidate meets the issue's target"
          " only if it beats the copy at its own positions and `copy-every2` on SmolLM2 and Gemma-3, in both"
          " protocols, on every held-out domain, by more than 2x the paired std over seeds.", ""]
     for c, same in CANDIDATES.items():
