@@ -659,7 +659,7 @@ def plot(runs: list[dict[str, Any]], budget: str, model: str, protocol: str, out
             if len(ys) > 1:
                 sd = ys.std(0)
                 ax.fill_between(xs, (m - sd).tolist(), (m + sd).tolist(), color=line.get_color(), alpha=0.15)
-        title = f"{model}, {protocol}: held-out {d} (mean ± std over seeds)"
+        title = f"{model}, {protocol}: {d} (held out; mean ± std over seeds)"
         lo, hi = min(core, default=0.0), max(core, default=0.0)
         pad = 0.1 * (hi - lo) or 0.05
         if core and any(not lo - pad <= y <= hi + pad for y in lever):
