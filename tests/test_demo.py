@@ -1,8 +1,8 @@
 """README command 1 (`bash scripts/demo` -> `hf-deepen demo`): the embedded default job on the real model.
 
 The demo is the first thing a new user runs, and its own check (logits equal before and after save and
-reload) is what it shows them; both tests run it end to end through the CLI, the second with that check
-made to fail.
+reload) is what it shows them. Two tests run it end to end through the CLI, the second with that check
+made to fail; two check what it refuses before any work (a bad token count, an --out of the user's own).
 """
 
 import json
@@ -11,6 +11,7 @@ import pytest
 
 from hf_deepen import DepthUpscaler
 from hf_deepen.cli import main
+from hf_deepen.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +70,7 @@ def test_demo_never_replaces_a_directory_of_the_users(tmp_path, capsys, monkeypa
     assert "is not an earlier hf_deepen output" in err and "choose another --out" in err
     assert (mine / "thesis.txt").read_text() == "three years of work" and not loaded  # refused before loading
     (mine / "config.json").write_text(json.dumps({"model_type": "llama"}))  # someone else's model: refused too
-    with pytest.raises(Exception, match="not an earlier hf_deepen output"):
+    with pytest.raises(ConfigError, match="not an earlier hf_deepen output"):
         check_demo_out(str(mine))
     ours = tmp_path / "ours"
     ours.mkdir()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import resource
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .threads import Threads
 
 
 def _peak_rss_mb() -> float:
@@ -50,9 +53,9 @@ def run_demo(out: str = "outputs/smollm2-135m-instruct-45l", solver: str = "exac
              prompt: str = "What is the capital of France?", max_new_tokens: int = 24,
              threads: int | str | None = "auto") -> dict[str, Any]:
     """The whole demo on ``threads`` torch threads (see :mod:`hf_deepen.threads`; restored after)."""
-    from .threads import torch_threads
-
     from transformers.utils import logging as hf_logging
+
+    from .threads import torch_threads
 
     verbosity = hf_logging.get_verbosity()
     try:
@@ -62,7 +65,7 @@ def run_demo(out: str = "outputs/smollm2-135m-instruct-45l", solver: str = "exac
         hf_logging.set_verbosity(verbosity)
 
 
-def _demo(out: str, solver: str, prompt: str, max_new_tokens: int, threads: Any) -> dict[str, Any]:
+def _demo(out: str, solver: str, prompt: str, max_new_tokens: int, threads: Threads) -> dict[str, Any]:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
